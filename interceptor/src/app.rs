@@ -1,0 +1,204 @@
+//! Wiring: builds every subsystem from the configuration and runs until a shutdown signal.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::admin::{self, Readiness};
+use crate::cgroup::{self, CgroupNames};
+use crate::config::Config;
+use crate::ebpf::{AttachOptions, RedirectTarget, Redirector};
+use crate::identity::Enricher;
+use crate::metrics::{self, EbpfCollector};
+use crate::policy::{FailureMode, Policy};
+use crate::proxy::{self, ProxyContext, ProxyMetrics};
+use crate::targets::{TargetDiscovery, TargetMetrics};
+
+/// A running daemon.
+pub struct App {
+    /// Port of the proxy listeners.
+    pub proxy_port: u16,
+    /// Addresses the proxy listens on.
+    pub proxy_addrs: Vec<SocketAddr>,
+    /// Address of the admin endpoint, if enabled.
+    pub admin_addr: Option<SocketAddr>,
+    redirector: Redirector,
+    failure_mode: FailureMode,
+    drain_timeout: Duration,
+    stop_accepting: CancellationToken,
+    abort_connections: CancellationToken,
+    stop_background: CancellationToken,
+    connections: TaskTracker,
+    background: TaskTracker,
+}
+
+/// Validates everything, binds, loads and attaches; returns once the daemon serves.
+pub async fn build(config: Config) -> anyhow::Result<App> {
+    config
+        .validate()
+        .map_err(anyhow::Error::msg)
+        .context("invalid configuration")?;
+    let policy = match &config.policy {
+        Some(path) => Policy::load(path)?,
+        None => Policy::builtin()?,
+    };
+    let cgroup_root = cgroup::discover_cgroup2_mount()?;
+    let attach_cgroup: PathBuf = config.cgroup.clone().unwrap_or_else(|| cgroup_root.clone());
+    cgroup::check_cgroup_dir(&attach_cgroup)?;
+
+    let (listeners, proxy_port) = proxy::bind(&config.node_addresses, config.proxy_port)?;
+    let proxy_addrs: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let host_netns_cookie = {
+        use std::os::fd::AsFd as _;
+        let first = listeners.first().context("no proxy listener")?;
+        crate::sys::netns_cookie(first.as_fd())
+            .context("reading the netns cookie (SO_NETNS_COOKIE, Linux 5.14+)")?
+    };
+    let admin_listener = match config.metrics_addr.0 {
+        Some(addr) => Some(
+            admin::bind(addr)
+                .await
+                .with_context(|| format!("binding the admin endpoint {addr}"))?,
+        ),
+        None => None,
+    };
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+    let registry = metrics::registry()?;
+    let proxy_metrics = ProxyMetrics::register(&registry)?;
+    let target_metrics = TargetMetrics::register(&registry)?;
+    let readiness = Arc::new(Readiness::default());
+
+    let failure_mode = policy.interception.failure_mode;
+    let options = AttachOptions {
+        cgroup: attach_cgroup.clone(),
+        pin_dir: (failure_mode == FailureMode::Closed).then(|| config.bpffs_dir.clone()),
+        log_level: config.ebpf_log_level,
+    };
+    let target = RedirectTarget {
+        proxy_port,
+        node_addresses: config.node_addresses.clone(),
+        host_netns_cookie,
+    };
+    let (redirector, maps) = Redirector::attach(&options, &target)?;
+    readiness.set_programs_attached(true);
+    let attribution = Arc::new(maps.attribution);
+    registry.register(Box::new(EbpfCollector::new(maps.counters, attribution.clone())?))?;
+
+    let stop_background = CancellationToken::new();
+    let background = TaskTracker::new();
+    if let Some(logger) = maps.logger {
+        background.spawn(crate::ebpf::forward_logs(logger, stop_background.clone()));
+    }
+
+    let mut discovery = TargetDiscovery::new(
+        policy.provider_targets(),
+        policy.discovery.clone(),
+        maps.targets,
+        target_metrics,
+    );
+    discovery.install_static();
+    readiness.set_targets_installed(true);
+    background.spawn(discovery.run(stop_background.clone()));
+
+    if let Some(listener) = admin_listener {
+        background.spawn(admin::serve(
+            listener,
+            registry,
+            readiness.clone(),
+            stop_background.clone(),
+        ));
+    }
+
+    let ctx = Arc::new(ProxyContext {
+        attribution,
+        enricher: Arc::new(Enricher::new(CgroupNames::new(cgroup_root.clone()))),
+        metrics: proxy_metrics,
+        upstream_connect_timeout: config.upstream_connect_timeout,
+    });
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let stop_accepting = CancellationToken::new();
+    let abort_connections = CancellationToken::new();
+    let connections = TaskTracker::new();
+    for listener in listeners {
+        background.spawn(proxy::accept::serve(
+            listener,
+            ctx.clone(),
+            limit.clone(),
+            connections.clone(),
+            stop_accepting.clone(),
+            abort_connections.clone(),
+        ));
+    }
+
+    info!(
+        proxy_port,
+        proxy_addrs = ?proxy_addrs,
+        admin_addr = admin_addr.map(|a| a.to_string()),
+        cgroup_root = %cgroup_root.display(),
+        attach_cgroup = %attach_cgroup.display(),
+        failure_mode = ?failure_mode,
+        programs = ?redirector.attached(),
+        "interceptor ready"
+    );
+    Ok(App {
+        proxy_port,
+        proxy_addrs,
+        admin_addr,
+        redirector,
+        failure_mode,
+        drain_timeout: config.drain_timeout,
+        stop_accepting,
+        abort_connections,
+        stop_background,
+        connections,
+        background,
+    })
+}
+
+impl App {
+    /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
+    pub async fn wait_termination(self) -> anyhow::Result<()> {
+        let signal = crate::signal::shutdown()
+            .await
+            .context("installing signal handlers")?;
+        info!(signal, "shutting down");
+        self.shutdown().await;
+        Ok(())
+    }
+
+    /// Graceful shutdown: new connections go direct (fail-open) or stay redirected (fail-closed), open
+    /// connections drain within the deadline, and the programs are detached last.
+    pub async fn shutdown(mut self) {
+        if self.failure_mode == FailureMode::Open
+            && let Err(e) = self.redirector.set_enabled(false)
+        {
+            warn!(error = %e, "cannot pause redirection before draining");
+        }
+        self.stop_accepting.cancel();
+        self.connections.close();
+        if tokio::time::timeout(self.drain_timeout, self.connections.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                remaining = self.connections.len(),
+                "drain deadline passed; closing the remaining connections"
+            );
+            self.abort_connections.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.connections.wait()).await;
+        }
+        self.stop_background.cancel();
+        self.background.close();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.background.wait()).await;
+        self.redirector.detach();
+        info!("shutdown complete");
+    }
+}

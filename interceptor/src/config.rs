@@ -1,0 +1,128 @@
+//! Daemon settings from the command line (and environment), as opposed to the operator's policy file.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Settings of `interceptor run`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Config {
+    /// Policy file (YAML). Without it the built-in default policy is used.
+    #[arg(long, env = "INTERCEPTOR_POLICY")]
+    pub policy: Option<PathBuf>,
+
+    /// Port of the proxy listener that redirected connections reach (0 picks a free port).
+    #[arg(long, env = "INTERCEPTOR_PROXY_PORT", default_value_t = 15001)]
+    pub proxy_port: u16,
+
+    /// Node address for callers in other network namespaces (pods): redirected connections from them go
+    /// to this address, which must be routable from the pods (for instance the node IP). Repeat for IPv6.
+    #[arg(
+        long = "node-address",
+        env = "INTERCEPTOR_NODE_ADDRESSES",
+        value_delimiter = ','
+    )]
+    pub node_addresses: Vec<IpAddr>,
+
+    /// Address of the admin endpoint (/metrics, /healthz, /readyz). Use `off` to disable it.
+    #[arg(long, env = "INTERCEPTOR_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: AdminAddr,
+
+    /// Cgroup v2 directory the programs attach to. Default: the cgroup2 root found in /proc/self/mountinfo.
+    #[arg(long, env = "INTERCEPTOR_CGROUP")]
+    pub cgroup: Option<PathBuf>,
+
+    /// bpffs directory where links are pinned in fail-closed mode.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_BPFFS_DIR",
+        default_value = "/sys/fs/bpf/interceptor"
+    )]
+    pub bpffs_dir: PathBuf,
+
+    /// Most connections handled at once; further clients wait in the listen backlog.
+    #[arg(long, default_value_t = 16_384)]
+    pub max_connections: usize,
+
+    /// Timeout for connecting to the original destination.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub upstream_connect_timeout: Duration,
+
+    /// How long open connections may finish after a shutdown signal.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Level of the eBPF programs' own log (aya-log): off, error, warn, info, debug, trace.
+    #[arg(long, default_value = "warn")]
+    pub ebpf_log_level: EbpfLogLevel,
+}
+
+/// Log level compiled into the eBPF programs at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EbpfLogLevel {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl EbpfLogLevel {
+    /// The value of aya-log's `AYA_LOG_LEVEL` global (0 disables everything).
+    pub fn as_aya_level(self) -> u8 {
+        match self {
+            EbpfLogLevel::Off => 0,
+            EbpfLogLevel::Error => 1,
+            EbpfLogLevel::Warn => 2,
+            EbpfLogLevel::Info => 3,
+            EbpfLogLevel::Debug => 4,
+            EbpfLogLevel::Trace => 5,
+        }
+    }
+}
+
+/// An optional listen address: `off` or `address:port`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdminAddr(pub Option<SocketAddr>);
+
+impl std::str::FromStr for AdminAddr {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        if value.eq_ignore_ascii_case("off") {
+            return Ok(Self(None));
+        }
+        value
+            .parse()
+            .map(|a| Self(Some(a)))
+            .map_err(|e| format!("{value:?} is not `off` or address:port ({e})"))
+    }
+}
+
+impl Config {
+    /// Checks combinations clap cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
+        }
+        let v4 = self.node_addresses.iter().filter(|a| a.is_ipv4()).count();
+        let v6 = self.node_addresses.iter().filter(|a| a.is_ipv6()).count();
+        if v4 > 1 || v6 > 1 {
+            return Err(format!(
+                "--node-address takes at most one IPv4 and one IPv6 address, got {:?}",
+                self.node_addresses
+            ));
+        }
+        if let Some(addr) = self
+            .node_addresses
+            .iter()
+            .find(|a| a.is_unspecified() || a.is_loopback())
+        {
+            return Err(format!(
+                "--node-address {addr}: must be a routable address of this node"
+            ));
+        }
+        Ok(())
+    }
+}

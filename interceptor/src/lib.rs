@@ -1,0 +1,18 @@
+//! The interceptor daemon: eBPF redirect of AI-provider connections, kernel attribution and the
+//! proxy that relays them. `main.rs` is a thin CLI over [`app::build`].
+#![deny(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod cgroup;
+pub mod config;
+pub mod ebpf;
+pub mod identity;
+pub mod logging;
+pub mod metrics;
+pub mod policy;
+pub mod providers;
+pub mod proxy;
+pub mod signal;
+pub mod sys;
+pub mod targets;

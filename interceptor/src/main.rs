@@ -1,0 +1,110 @@
+//! `interceptor`: the daemon and its command-line tools.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use interceptor::config::Config;
+use interceptor::logging::{self, LogFormat};
+use interceptor::policy::Policy;
+
+#[derive(Parser)]
+#[command(name = "interceptor", version, about = "Transparent AI-traffic interceptor")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "INTERCEPTOR_LOG_FORMAT", default_value = "plain")]
+    log_format: LogFormat,
+    /// Log filter (RUST_LOG syntax); RUST_LOG overrides it.
+    #[arg(long, global = true, env = "INTERCEPTOR_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: attach the eBPF programs and serve the proxy.
+    Run {
+        #[command(flatten)]
+        config: Config,
+        /// Tokio worker threads (default: one per CPU).
+        #[arg(long, env = "INTERCEPTOR_WORKER_THREADS")]
+        worker_threads: Option<usize>,
+    },
+    /// Policy file tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Remove links pinned in fail-closed mode (detaches the programs a stopped daemon left attached).
+    Detach {
+        /// bpffs directory of the pinned links.
+        #[arg(
+            long,
+            env = "INTERCEPTOR_BPFFS_DIR",
+            default_value = "/sys/fs/bpf/interceptor"
+        )]
+        bpffs_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy file: exit 0 when valid, 1 with a precise message when not.
+    Check { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("interceptor: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run {
+            config,
+            worker_threads,
+        } => {
+            logging::init(cli.log_format, &cli.log_level)?;
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.enable_all().thread_name("interceptor");
+            if let Some(threads) = worker_threads {
+                builder.worker_threads(threads.max(1));
+            }
+            let runtime = builder.build().context("building the tokio runtime")?;
+            runtime.block_on(async move {
+                let app = interceptor::app::build(config).await?;
+                app.wait_termination().await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy {
+            command: PolicyCommand::Check { file },
+        } => match Policy::load(&file) {
+            Ok(policy) => {
+                println!(
+                    "{}: valid ({} provider domains intercepted)",
+                    file.display(),
+                    policy.provider_targets().len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                println!("{e}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Detach { bpffs_dir } => {
+            let removed = interceptor::ebpf::unpin_all(&bpffs_dir)?;
+            println!("removed {removed} pinned links from {}", bpffs_dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! The operator's policy file: which domains are intercepted and how.
+//!
+//! The format is a versioned YAML document (`apiVersion`, `kind`) meant to live in a ConfigMap.
+//! Every field is documented in the README ("Configuration").
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::providers::{self, Adapter};
+
+/// The only `apiVersion` this build understands.
+pub const API_VERSION: &str = "interceptor.dev/v1alpha1";
+/// The only `kind` this build understands.
+pub const KIND: &str = "InterceptorPolicy";
+/// The built-in default policy.
+pub const DEFAULT_POLICY_YAML: &str = include_str!("../default-policy.yaml");
+
+/// Errors found while reading or validating a policy.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("reading policy {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("policy {source_name}: {message}")]
+    Parse { source_name: String, message: String },
+    #[error("policy {source_name}: {field}: {message}")]
+    Invalid {
+        source_name: String,
+        field: String,
+        message: String,
+    },
+}
+
+/// The policy document.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Policy {
+    /// Format version; must be `interceptor.dev/v1alpha1`.
+    pub api_version: String,
+    /// Document kind; must be `InterceptorPolicy`.
+    pub kind: String,
+    /// Intercept the built-in catalog of provider domains (default `true`).
+    #[serde(default = "default_true")]
+    pub builtin_providers: bool,
+    /// Extra provider domains, or overrides of built-in ones (same `domain`).
+    #[serde(default)]
+    pub providers: Vec<ProviderDomain>,
+    /// How interception behaves.
+    #[serde(default)]
+    pub interception: Interception,
+    /// How provider addresses are discovered.
+    #[serde(default)]
+    pub discovery: Discovery,
+}
+
+/// A provider domain entry.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProviderDomain {
+    /// Domain name, or a pattern with one `*` (e.g. `*.openai.azure.com`).
+    pub domain: String,
+    /// API dialect; required for domains that are not in the built-in catalog.
+    #[serde(default)]
+    pub adapter: Option<Adapter>,
+    /// Static addresses. When set, the domain is not resolved through DNS.
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+    /// Destination ports that are intercepted (default `[443]`).
+    #[serde(default = "default_ports")]
+    pub ports: Vec<u16>,
+}
+
+/// Interception settings.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Interception {
+    /// What happens to new connections when the daemon is not running.
+    #[serde(default)]
+    pub failure_mode: FailureMode,
+}
+
+/// Behaviour when the daemon is gone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// Programs are detached with the daemon: applications connect directly (default).
+    #[default]
+    Open,
+    /// Programs stay attached (pinned links): connections to targets are refused until a daemon returns.
+    Closed,
+}
+
+/// Address discovery settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Discovery {
+    /// Shortest interval between two resolutions of a domain, whatever the record TTL.
+    #[serde(default = "default_min_refresh", with = "humantime_serde")]
+    pub min_refresh: Duration,
+    /// Longest interval between two resolutions of a domain.
+    #[serde(default = "default_max_refresh", with = "humantime_serde")]
+    pub max_refresh: Duration,
+    /// How long an address that left the DNS answers stays a target (clients may still use it).
+    #[serde(default = "default_stale_grace", with = "humantime_serde")]
+    pub stale_grace: Duration,
+    /// Delay before retrying a domain whose resolution failed.
+    #[serde(default = "default_retry_interval", with = "humantime_serde")]
+    pub retry_interval: Duration,
+}
+
+impl Default for Discovery {
+    fn default() -> Self {
+        Self {
+            min_refresh: default_min_refresh(),
+            max_refresh: default_max_refresh(),
+            stale_grace: default_stale_grace(),
+            retry_interval: default_retry_interval(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_ports() -> Vec<u16> {
+    vec![443]
+}
+fn default_min_refresh() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_refresh() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_stale_grace() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_retry_interval() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// A provider domain after merging the built-in catalog with the policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProviderTarget {
+    pub domain: String,
+    pub adapter: Adapter,
+    pub addresses: Vec<IpAddr>,
+    pub ports: Vec<u16>,
+}
+
+impl ProviderTarget {
+    /// Whether the daemon resolves this domain through DNS (exact names without static addresses).
+    pub fn resolvable(&self) -> bool {
+        self.addresses.is_empty() && !self.domain.contains('*')
+    }
+}
+
+impl Policy {
+    /// The built-in default policy.
+    pub fn builtin() -> Result<Self, PolicyError> {
+        Self::parse(DEFAULT_POLICY_YAML, "<built-in>")
+    }
+
+    /// Reads and validates a policy file.
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|e| PolicyError::Read(path.to_owned(), e))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates policy text; `source_name` names it in errors.
+    pub fn parse(text: &str, source_name: &str) -> Result<Self, PolicyError> {
+        let policy: Policy = serde_norway::from_str(text).map_err(|e| PolicyError::Parse {
+            source_name: source_name.to_owned(),
+            message: e.to_string(),
+        })?;
+        policy.validate(source_name)?;
+        Ok(policy)
+    }
+
+    /// Checks everything serde cannot: versions, domain syntax, adapters, duplicates, ranges.
+    pub fn validate(&self, source_name: &str) -> Result<(), PolicyError> {
+        let invalid = |field: String, message: String| PolicyError::Invalid {
+            source_name: source_name.to_owned(),
+            field,
+            message,
+        };
+        if self.api_version != API_VERSION {
+            return Err(invalid(
+                "apiVersion".into(),
+                format!(
+                    "{:?} is not supported (expected {API_VERSION:?})",
+                    self.api_version
+                ),
+            ));
+        }
+        if self.kind != KIND {
+            return Err(invalid(
+                "kind".into(),
+                format!("{:?} is not supported (expected {KIND:?})", self.kind),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, entry) in self.providers.iter().enumerate() {
+            let field = |name: &str| format!("providers[{i}].{name}");
+            let domain = entry.domain.to_ascii_lowercase();
+            providers::validate_domain_pattern(&domain)
+                .map_err(|m| invalid(field("domain"), format!("{:?}: {m}", entry.domain)))?;
+            if !seen.insert(domain.clone()) {
+                return Err(invalid(
+                    field("domain"),
+                    format!("{:?} is listed twice", entry.domain),
+                ));
+            }
+            if entry.adapter.is_none() && providers::builtin_adapter(&domain).is_none() {
+                return Err(invalid(
+                    field("domain"),
+                    format!(
+                        "unknown provider domain {:?}: it is not in the built-in catalog, so set `adapter` \
+                         (openai, azure-openai, anthropic, gemini, vertex-ai, bedrock, openai-compatible)",
+                        entry.domain
+                    ),
+                ));
+            }
+            if entry.ports.is_empty() {
+                return Err(invalid(field("ports"), "must list at least one port".into()));
+            }
+            if entry.ports.contains(&0) {
+                return Err(invalid(field("ports"), "0 is not a valid port".into()));
+            }
+            if let Some(addr) = entry
+                .addresses
+                .iter()
+                .find(|a| a.is_unspecified() || a.is_multicast())
+            {
+                return Err(invalid(
+                    field("addresses"),
+                    format!("{addr} cannot be a provider address"),
+                ));
+            }
+        }
+        let d = &self.discovery;
+        if d.min_refresh.is_zero() || d.retry_interval.is_zero() {
+            return Err(invalid(
+                "discovery".into(),
+                "minRefresh and retryInterval must be positive".into(),
+            ));
+        }
+        if d.min_refresh > d.max_refresh {
+            return Err(invalid(
+                "discovery.minRefresh".into(),
+                format!(
+                    "{} is longer than maxRefresh {}",
+                    humantime::format_duration(d.min_refresh),
+                    humantime::format_duration(d.max_refresh)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The provider domains to intercept: the built-in catalog (if enabled) with the policy's entries
+    /// replacing or extending it.
+    pub fn provider_targets(&self) -> Vec<ProviderTarget> {
+        let mut targets: Vec<ProviderTarget> = Vec::new();
+        if self.builtin_providers {
+            targets.extend(
+                providers::BUILTIN_PROVIDERS
+                    .iter()
+                    .map(|(domain, adapter)| ProviderTarget {
+                        domain: (*domain).to_owned(),
+                        adapter: *adapter,
+                        addresses: Vec::new(),
+                        ports: default_ports(),
+                    }),
+            );
+        }
+        for entry in &self.providers {
+            let domain = entry.domain.to_ascii_lowercase();
+            let adapter = entry.adapter.or_else(|| providers::builtin_adapter(&domain));
+            let Some(adapter) = adapter else { continue };
+            let target = ProviderTarget {
+                domain: domain.clone(),
+                adapter,
+                addresses: entry.addresses.clone(),
+                ports: entry.ports.clone(),
+            };
+            match targets.iter_mut().find(|t| t.domain == domain) {
+                Some(existing) => *existing = target,
+                None => targets.push(target),
+            }
+        }
+        targets
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Policy, PolicyError> {
+        Policy::parse(text, "test.yaml")
+    }
+
+    const HEADER: &str = "apiVersion: interceptor.dev/v1alpha1\nkind: InterceptorPolicy\n";
+
+    #[test]
+    fn builtin_policy_is_valid() {
+        let policy = Policy::builtin().expect("built-in policy");
+        let targets = policy.provider_targets();
+        assert!(
+            targets
+                .iter()
+                .any(|t| t.domain == "api.openai.com" && t.resolvable())
+        );
+        assert!(
+            targets
+                .iter()
+                .any(|t| t.domain == "*.openai.azure.com" && !t.resolvable())
+        );
+    }
+
+    #[test]
+    fn policy_entries_override_builtins() {
+        let policy = parse(&format!(
+            "{HEADER}providers:\n  - domain: api.openai.com\n    addresses: [203.0.113.10]\n"
+        ))
+        .expect("valid");
+        let targets = policy.provider_targets();
+        let openai: Vec<_> = targets.iter().filter(|t| t.domain == "api.openai.com").collect();
+        assert_eq!(openai.len(), 1);
+        assert_eq!(openai[0].adapter, Adapter::Openai);
+        assert_eq!(
+            openai[0].addresses,
+            vec!["203.0.113.10".parse::<IpAddr>().expect("ip")]
+        );
+        assert!(!openai[0].resolvable());
+    }
+
+    #[test]
+    fn unknown_domain_without_adapter_is_rejected_with_field() {
+        let err = parse(&format!("{HEADER}providers:\n  - domain: llm.example.com\n")).expect_err("invalid");
+        let text = err.to_string();
+        assert!(text.contains("providers[0].domain"), "{text}");
+        assert!(
+            text.contains("unknown provider domain \"llm.example.com\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_versions_are_rejected() {
+        let err = parse(&format!("{HEADER}provider: []\n")).expect_err("unknown field");
+        assert!(err.to_string().contains("unknown field `provider`"), "{err}");
+        let err = parse("apiVersion: v2\nkind: InterceptorPolicy\n").expect_err("version");
+        assert!(err.to_string().contains("apiVersion"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_domains_and_bad_ports_are_rejected() {
+        let dup = format!(
+            "{HEADER}providers:\n  - {{domain: a.example.com, adapter: openai}}\n  - {{domain: A.example.com, adapter: openai}}\n"
+        );
+        assert!(parse(&dup).expect_err("dup").to_string().contains("listed twice"));
+        let port =
+            format!("{HEADER}providers:\n  - {{domain: a.example.com, adapter: openai, ports: [0]}}\n");
+        assert!(
+            parse(&port)
+                .expect_err("port")
+                .to_string()
+                .contains("providers[0].ports")
+        );
+    }
+}

@@ -1,0 +1,41 @@
+//! Test harness of the interceptor: a simulated node on one machine.
+//!
+//! * the daemon runs in the host namespace ([`daemon::Daemon`], the real `interceptor` binary);
+//! * each "pod" is a network namespace with a veth pair and its own cgroup ([`node::Pod`]);
+//! * each "provider" is a network namespace serving TLS with a certificate from a test public CA
+//!   ([`provider::Provider`], [`pki::TestCa`]).
+//!
+//! Every namespace, link, cgroup and pinned BPF link is removed when its guard drops, including
+//! during a panic, and [`node::cleanup_stale`] removes what a crashed run left behind.
+//! Only 198.51.100.0/24 (pods), 203.0.113.0/24 (providers) and 2001:db8::/32 are used.
+
+pub mod cmd;
+pub mod daemon;
+pub mod node;
+pub mod pki;
+pub mod provider;
+pub mod scenario;
+
+/// Whether privileged tests can run here (root, cgroup2, bpffs). When `CI` is set and they cannot,
+/// this panics: a privileged test that cannot run is a failure there.
+pub fn privileged_available(test: &str) -> bool {
+    let reason = if !nix::unistd::geteuid().is_root() {
+        Some("not running as root")
+    } else if interceptor::cgroup::discover_cgroup2_mount().is_err() {
+        Some("no cgroup2 mount")
+    } else if !std::path::Path::new("/sys/fs/bpf").is_dir() {
+        Some("no bpffs at /sys/fs/bpf")
+    } else {
+        None
+    };
+    match reason {
+        None => true,
+        Some(reason) if std::env::var_os("CI").is_some() => {
+            panic!("privileged test {test} cannot run in CI: {reason}")
+        }
+        Some(reason) => {
+            eprintln!("SKIPPED {test}: {reason} (privileged end-to-end tests need root)");
+            false
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! A test "public" CA, standing in for the web PKI that signs real providers' certificates.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use rcgen::{BasicConstraints, Certificate, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// A CA and its PEM file on disk.
+pub struct TestCa {
+    cert: Certificate,
+    key: KeyPair,
+    /// PEM of the CA certificate (give it to clients as their trust anchor).
+    pub cert_pem: String,
+    pub pem_path: PathBuf,
+}
+
+/// A server certificate chain and key, ready for rustls.
+pub struct ServerCert {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl TestCa {
+    /// Creates a CA named `name` and writes its certificate to `dir/<file>`.
+    pub fn new(name: &str, dir: &Path, file: &str) -> anyhow::Result<Self> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Interceptor test PKI");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().context("generating the CA key")?;
+        let cert = params.self_signed(&key).context("self-signing the CA")?;
+        let cert_pem = cert.pem();
+        let pem_path = dir.join(file);
+        std::fs::write(&pem_path, &cert_pem).with_context(|| format!("writing {}", pem_path.display()))?;
+        Ok(Self {
+            cert,
+            key,
+            cert_pem,
+            pem_path,
+        })
+    }
+
+    /// Issues a server certificate for `names`.
+    pub fn issue(&self, names: &[&str]) -> anyhow::Result<ServerCert> {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let params = CertificateParams::new(names).context("certificate parameters")?;
+        let key = KeyPair::generate().context("generating a server key")?;
+        let cert = params
+            .signed_by(&key, &self.cert, &self.key)
+            .context("signing a server certificate")?;
+        Ok(ServerCert {
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        })
+    }
+}
+
+/// A rustls server configuration presenting `cert` (HTTP/1.1 only).
+pub fn server_config(cert: ServerCert) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_no_client_auth()
+        .with_single_cert(cert.chain, cert.key)
+        .context("server certificate")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
