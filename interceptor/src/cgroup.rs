@@ -112,7 +112,7 @@ impl CgroupNames {
         if let Some(name) = self.cache.lock().ok().and_then(|c| c.get(&id).cloned()) {
             return Some(name);
         }
-        let name = self.from_proc(id, tgid).or_else(|| self.walk(id))?;
+        let name = self.name_from_proc(id, tgid).or_else(|| self.walk(id))?;
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() >= MAX_CACHED_NAMES {
                 cache.clear();
@@ -122,7 +122,7 @@ impl CgroupNames {
         Some(name)
     }
 
-    fn from_proc(&self, id: u64, tgid: u32) -> Option<String> {
+    fn name_from_proc(&self, id: u64, tgid: u32) -> Option<String> {
         let text = std::fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok()?;
         let relative = text.lines().find_map(|l| l.strip_prefix("0::"))?;
         let dir = self.root.join(relative.trim_start_matches('/'));

@@ -321,7 +321,7 @@ fn ensure_bpffs(dir: &Path) -> Result<(), EbpfError> {
     let parent = dir.parent().unwrap_or(Path::new("/"));
     let is_bpffs = |path: &Path| {
         nix::sys::statfs::statfs(path)
-            .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+            .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
             .unwrap_or(false)
     };
     if is_bpffs(parent) {

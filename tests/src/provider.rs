@@ -57,12 +57,20 @@ impl Provider {
 }
 
 fn bind_in(netns: &ProviderNetns, addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    let std_listener = netns.enter(move || {
-        let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-        listener.set_nonblocking(true)?;
-        Ok(listener)
-    })?;
+    let std_listener = netns.enter(move || listen(addr))?;
     TcpListener::from_std(std_listener).context("registering the provider listener")
+}
+
+/// A non-blocking listener with a deep backlog (benchmarks open connections in bursts).
+pub fn listen(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("binding {addr}"))?;
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 async fn serve_tls(listener: TcpListener, acceptor: TlsAcceptor, seen: Arc<Mutex<Vec<Seen>>>) {

@@ -1,0 +1,39 @@
+//! `cargo xtask bench ...`: builds release binaries and runs the benchmark driver
+//! (`tests/src/bin/bench.rs`), which prints ratios against a baseline measured in the same run.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::sh;
+
+#[derive(Clone, Copy, clap::Subcommand)]
+pub enum Which {
+    /// connect() latency to a non-target and a target address, programs attached vs detached.
+    Connect {
+        /// Connections per phase and destination.
+        #[arg(long, default_value_t = 5000)]
+        connections: u32,
+    },
+}
+
+pub fn run(root: &Path, which: Which) -> anyhow::Result<()> {
+    sh::cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "interceptor",
+        "--package",
+        "tests",
+        "--bins",
+    ])?;
+    sh::require_root("the benchmarks (they attach eBPF programs and create network namespaces)")?;
+    let binary = root.join("target/release/interceptor");
+    let mut command = Command::new(root.join("target/release/interceptor-bench"));
+    command.env("INTERCEPTOR_BIN", &binary);
+    match which {
+        Which::Connect { connections } => {
+            command.args(["connect", "--connections", &connections.to_string()])
+        }
+    };
+    sh::status(&mut command)
+}
