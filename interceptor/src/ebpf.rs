@@ -151,11 +151,7 @@ impl Redirector {
                 .map_err(|e| program_error(name, e))?;
             if let Some(dir) = &options.pin_dir {
                 let link = program.take_link(link_id).map_err(|e| program_error(name, e))?;
-                pinned.push(pin(
-                    FdLink::try_from(link).map_err(|e| EbpfError::Pin(dir.join(name), e.to_string()))?,
-                    dir,
-                    name,
-                )?);
+                pinned.push(pin(link, dir, name)?);
             }
             attached.push(name);
         }
@@ -168,9 +164,7 @@ impl Redirector {
             let link = program
                 .take_link(link_id)
                 .map_err(|e| program_error(SOCK_OPS_PROGRAM, e))?;
-            let fd_link = FdLink::try_from(link)
-                .map_err(|e| EbpfError::Pin(dir.join(SOCK_OPS_PROGRAM), e.to_string()))?;
-            pinned.push(pin(fd_link, dir, SOCK_OPS_PROGRAM)?);
+            pinned.push(pin(link, dir, SOCK_OPS_PROGRAM)?);
         }
         attached.push(SOCK_OPS_PROGRAM);
         info!(
@@ -307,9 +301,17 @@ where
     T::try_from(map).map_err(|e| map_error(name, e))
 }
 
-fn pin(link: FdLink, dir: &Path, name: &str) -> Result<PinnedLink, EbpfError> {
+/// Pins a program's link as `dir/name` so it outlives the daemon.
+fn pin<L>(link: L, dir: &Path, name: &str) -> Result<PinnedLink, EbpfError>
+where
+    FdLink: TryFrom<L>,
+    <FdLink as TryFrom<L>>::Error: std::fmt::Display,
+{
     let path = dir.join(name);
-    link.pin(&path).map_err(|e| EbpfError::Pin(path, e.to_string()))
+    let fd_link = FdLink::try_from(link).map_err(|e| EbpfError::Pin(path.clone(), e.to_string()))?;
+    fd_link
+        .pin(&path)
+        .map_err(|e| EbpfError::Pin(path, e.to_string()))
 }
 
 /// `statfs` magic of the BPF filesystem.

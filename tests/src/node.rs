@@ -201,51 +201,12 @@ impl Node {
         let index = self.pods.len() as u8 + 1;
         let netns = format!("{PREFIX}-{name}");
         let host_if = format!("{PREFIX}p{index}");
-        run("ip", &["netns", "add", &netns])?;
         self.pods.push(netns.clone());
-        run(
-            "ip",
-            &[
-                "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns,
-            ],
-        )?;
         let host_v4 = Ipv4Addr::new(198, 51, 100, 4 * index - 3);
         let pod_v4 = Ipv4Addr::new(198, 51, 100, 4 * index - 2);
         let host_v6 = Ipv6Addr::new(0x2001, 0xdb8, 0x100, u16::from(index), 0, 0, 0, 1);
         let pod_v6 = Ipv6Addr::new(0x2001, 0xdb8, 0x100, u16::from(index), 0, 0, 0, 2);
-        run("ip", &["addr", "add", &format!("{host_v4}/30"), "dev", &host_if])?;
-        run(
-            "ip",
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("{host_v6}/64"),
-                "dev",
-                &host_if,
-                "nodad",
-            ],
-        )?;
-        run("ip", &["link", "set", &host_if, "up"])?;
-        let ns = |args: &[&str]| -> anyhow::Result<String> {
-            let mut full = vec!["-n", netns.as_str()];
-            full.extend_from_slice(args);
-            run("ip", &full)
-        };
-        ns(&["link", "set", "lo", "up"])?;
-        ns(&["addr", "add", &format!("{pod_v4}/30"), "dev", "eth0"])?;
-        ns(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{pod_v6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        ns(&["link", "set", "eth0", "up"])?;
-        ns(&["route", "add", "default", "via", &host_v4.to_string()])?;
-        ns(&["-6", "route", "add", "default", "via", &host_v6.to_string()])?;
+        wire_netns(&netns, &host_if, (host_v4, 30, pod_v4), (host_v6, 64, pod_v6))?;
         let hosts_dir = PathBuf::from(format!("/etc/netns/{netns}"));
         std::fs::create_dir_all(&hosts_dir)?;
         let mut hosts_text = String::from("127.0.0.1 localhost\n");
@@ -281,45 +242,15 @@ impl Node {
     pub fn add_provider(&mut self, name: &str) -> anyhow::Result<ProviderNetns> {
         let netns = format!("{PREFIX}-{name}");
         let host_if = format!("{PREFIX}v{}", self.providers.len() + 1);
-        run("ip", &["netns", "add", &netns])?;
         self.providers.push(netns.clone());
-        run(
-            "ip",
-            &[
-                "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns,
-            ],
-        )?;
-        run("ip", &["addr", "add", "203.0.113.1/30", "dev", &host_if])?;
-        run(
-            "ip",
-            &[
-                "-6",
-                "addr",
-                "add",
-                "2001:db8:203:1::1/64",
-                "dev",
-                &host_if,
-                "nodad",
-            ],
-        )?;
-        run("ip", &["link", "set", &host_if, "up"])?;
-        let ns = |args: &[&str]| -> anyhow::Result<String> {
-            let mut full = vec!["-n", netns.as_str()];
-            full.extend_from_slice(args);
-            run("ip", &full)
-        };
-        ns(&["link", "set", "lo", "up"])?;
-        ns(&["addr", "add", "203.0.113.2/30", "dev", "eth0"])?;
-        ns(&[
-            "-6",
-            "addr",
-            "add",
-            "2001:db8:203:1::2/64",
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        ns(&["link", "set", "eth0", "up"])?;
+        let v4 = (Ipv4Addr::new(203, 0, 113, 1), 30, Ipv4Addr::new(203, 0, 113, 2));
+        let v6 = (
+            Ipv6Addr::new(0x2001, 0xdb8, 0x203, 1, 0, 0, 0, 1),
+            64,
+            Ipv6Addr::new(0x2001, 0xdb8, 0x203, 1, 0, 0, 0, 2),
+        );
+        wire_netns(&netns, &host_if, v4, v6)?;
+        let ns = |args: &[&str]| ip_in(&netns, args);
         for addr in [PROVIDER_V4.to_string(), OTHER_V4.to_string()] {
             ns(&["addr", "add", &format!("{addr}/32"), "dev", "lo"])?;
             run(
@@ -347,8 +278,6 @@ impl Node {
                 "2001:db8:203:1::2",
             ],
         )?;
-        ns(&["route", "add", "default", "via", "203.0.113.1"])?;
-        ns(&["-6", "route", "add", "default", "via", "2001:db8:203:1::1"])?;
         Ok(ProviderNetns { netns })
     }
 
@@ -384,6 +313,71 @@ impl Drop for Node {
         );
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `ip -n netns args...`.
+fn ip_in(netns: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut full = vec!["-n", netns];
+    full.extend_from_slice(args);
+    run("ip", &full)
+}
+
+/// Creates `netns` joined to the host by a veth pair (`host_if` on the host, `eth0` inside), with
+/// (host address, prefix length, namespace address) for each family and default routes via the host.
+fn wire_netns(
+    netns: &str,
+    host_if: &str,
+    (host_v4, len_v4, ns_v4): (Ipv4Addr, u8, Ipv4Addr),
+    (host_v6, len_v6, ns_v6): (Ipv6Addr, u8, Ipv6Addr),
+) -> anyhow::Result<()> {
+    run("ip", &["netns", "add", netns])?;
+    run(
+        "ip",
+        &[
+            "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", netns,
+        ],
+    )?;
+    run(
+        "ip",
+        &["addr", "add", &format!("{host_v4}/{len_v4}"), "dev", host_if],
+    )?;
+    run(
+        "ip",
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{host_v6}/{len_v6}"),
+            "dev",
+            host_if,
+            "nodad",
+        ],
+    )?;
+    run("ip", &["link", "set", host_if, "up"])?;
+    ip_in(netns, &["link", "set", "lo", "up"])?;
+    ip_in(
+        netns,
+        &["addr", "add", &format!("{ns_v4}/{len_v4}"), "dev", "eth0"],
+    )?;
+    ip_in(
+        netns,
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ns_v6}/{len_v6}"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    )?;
+    ip_in(netns, &["link", "set", "eth0", "up"])?;
+    ip_in(netns, &["route", "add", "default", "via", &host_v4.to_string()])?;
+    ip_in(
+        netns,
+        &["-6", "route", "add", "default", "via", &host_v6.to_string()],
+    )?;
+    Ok(())
 }
 
 /// A simulated pod.
