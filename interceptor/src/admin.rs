@@ -19,6 +19,7 @@ use tracing::{debug, warn};
 pub struct Readiness {
     programs_attached: AtomicBool,
     targets_installed: AtomicBool,
+    ca_loaded: AtomicBool,
 }
 
 impl Readiness {
@@ -28,6 +29,9 @@ impl Readiness {
     pub fn set_targets_installed(&self, value: bool) {
         self.targets_installed.store(value, Ordering::Release);
     }
+    pub fn set_ca_loaded(&self, value: bool) {
+        self.ca_loaded.store(value, Ordering::Release);
+    }
     /// Names of the conditions not met yet.
     pub fn missing(&self) -> Vec<&'static str> {
         let mut missing = Vec::new();
@@ -36,6 +40,9 @@ impl Readiness {
         }
         if !self.targets_installed.load(Ordering::Acquire) {
             missing.push("targets_installed");
+        }
+        if !self.ca_loaded.load(Ordering::Acquire) {
+            missing.push("ca_loaded");
         }
         missing
     }

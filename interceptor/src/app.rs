@@ -20,6 +20,9 @@ use crate::metrics::{self, EbpfCollector};
 use crate::policy::{FailureMode, Policy};
 use crate::proxy::{self, ProxyContext, ProxyMetrics};
 use crate::targets::{TargetDiscovery, TargetMetrics};
+use crate::tls::ca::{self, EnterpriseCa};
+use crate::tls::leaf::{LeafCerts, LeafMetrics};
+use crate::tls::upstream::Upstream;
 
 /// A running daemon.
 pub struct App {
@@ -49,6 +52,14 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         Some(path) => Policy::load(path)?,
         None => Policy::builtin()?,
     };
+    let ca = Arc::new(load_ca(&config)?);
+    let upstream = Arc::new(
+        Upstream::new(
+            config.upstream_ca_bundle.as_deref(),
+            config.upstream_connect_timeout,
+        )
+        .context("upstream TLS")?,
+    );
     let cgroup_root = cgroup::discover_cgroup2_mount()?;
     let attach_cgroup: PathBuf = config.cgroup.clone().unwrap_or_else(|| cgroup_root.clone());
     cgroup::check_cgroup_dir(&attach_cgroup)?;
@@ -75,6 +86,8 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     let proxy_metrics = ProxyMetrics::register(&registry)?;
     let target_metrics = TargetMetrics::register(&registry)?;
     let readiness = Arc::new(Readiness::default());
+    let leaf_metrics = LeafMetrics::register(&registry)?;
+    readiness.set_ca_loaded(true);
 
     let failure_mode = policy.interception.failure_mode;
     let options = AttachOptions {
@@ -117,11 +130,23 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         ));
     }
 
+    let provider_domains = policy.provider_targets().into_iter().map(|t| t.domain).collect();
     let ctx = Arc::new(ProxyContext {
         attribution,
         enricher: Arc::new(Enricher::new(CgroupNames::new(cgroup_root.clone()))),
         metrics: proxy_metrics,
         upstream_connect_timeout: config.upstream_connect_timeout,
+        hello_timeout: config.handshake_timeout,
+        first_byte_timeout: config.first_byte_timeout,
+        provider_domains,
+        bypass: policy.bypass_matchers(),
+        leaves: Arc::new(LeafCerts::new(
+            ca.clone(),
+            policy.interception.leaf_ttl,
+            config.leaf_cache_size,
+            leaf_metrics,
+        )),
+        upstream,
     });
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let stop_accepting = CancellationToken::new();
@@ -146,6 +171,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         attach_cgroup = %attach_cgroup.display(),
         failure_mode = ?failure_mode,
         programs = ?redirector.attached(),
+        ca = %ca.subject,
         "interceptor ready"
     );
     Ok(App {
@@ -161,6 +187,22 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         connections,
         background,
     })
+}
+
+/// The configured CA, or a development CA generated (once) in `--dev-ca-dir`.
+fn load_ca(config: &Config) -> anyhow::Result<EnterpriseCa> {
+    let (cert, key) = match (&config.ca_cert, &config.ca_key, &config.dev_ca_dir) {
+        (Some(cert), Some(key), _) => (cert.clone(), key.clone()),
+        (_, _, Some(dir)) => {
+            let (files, created) = ca::init(dir, "interceptor development CA")?;
+            if created {
+                info!(cert = %files.cert.display(), "generated a development CA; make clients trust it:\n{}", ca::trust_instructions(&files.cert));
+            }
+            (files.cert, files.key)
+        }
+        _ => anyhow::bail!("no CA configured: pass --ca-cert and --ca-key (or --dev-ca-dir DIR)"),
+    };
+    Ok(EnterpriseCa::load(&cert, &key)?)
 }
 
 impl App {

@@ -52,6 +52,35 @@ pub struct Config {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
+    /// Enterprise CA certificate (PEM; the issuing CA first, then its chain) that signs the leaves.
+    #[arg(long, env = "INTERCEPTOR_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// Private key of the enterprise CA (PKCS#8 PEM, not readable by other users).
+    #[arg(long, env = "INTERCEPTOR_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+
+    /// Without --ca-cert/--ca-key: create (or reuse) a development CA in this directory.
+    #[arg(long, env = "INTERCEPTOR_DEV_CA_DIR", conflicts_with = "ca_cert")]
+    pub dev_ca_dir: Option<PathBuf>,
+
+    /// Extra CA bundle (PEM) trusted for upstream connections, besides webpki's and the system's roots.
+    #[arg(long, env = "INTERCEPTOR_UPSTREAM_CA_BUNDLE")]
+    pub upstream_ca_bundle: Option<PathBuf>,
+
+    /// Most SNIs whose leaf certificate is kept (LRU).
+    #[arg(long, default_value_t = 10_000)]
+    pub leaf_cache_size: u64,
+
+    /// How long a client may take to send its ClientHello and complete the TLS handshake.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// A client that sends nothing for this long after connecting is relayed untouched (a protocol where
+    /// the server speaks first).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub first_byte_timeout: Duration,
+
     /// Level of the eBPF programs' own log (aya-log): off, error, warn, info, debug, trace.
     #[arg(long, default_value = "warn")]
     pub ebpf_log_level: EbpfLogLevel,

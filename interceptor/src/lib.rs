@@ -16,3 +16,4 @@ pub mod proxy;
 pub mod signal;
 pub mod sys;
 pub mod targets;
+pub mod tls;

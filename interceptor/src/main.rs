@@ -37,6 +37,11 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Enterprise CA tools.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Remove links pinned in fail-closed mode (detaches the programs a stopped daemon left attached).
     Detach {
         /// bpffs directory of the pinned links.
@@ -46,6 +51,18 @@ enum Command {
             default_value = "/sys/fs/bpf/interceptor"
         )]
         bpffs_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a development CA (ca.crt, ca.key) in DIR, or keep the one already there.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+        /// Common name of the CA.
+        #[arg(long, default_value = "interceptor development CA")]
+        name: String,
     },
 }
 
@@ -101,6 +118,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
+        Command::Ca {
+            command: CaCommand::Init { out, name },
+        } => {
+            let (files, created) = interceptor::tls::ca::init(&out, &name)?;
+            let verb = if created { "created" } else { "kept the existing" };
+            println!("{verb} CA {} (key {})", files.cert.display(), files.key.display());
+            println!(
+                "Start the daemon with --ca-cert {} --ca-key {}",
+                files.cert.display(),
+                files.key.display()
+            );
+            print!("{}", interceptor::tls::ca::trust_instructions(&files.cert));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Detach { bpffs_dir } => {
             let removed = interceptor::ebpf::unpin_all(&bpffs_dir)?;
             println!("removed {removed} pinned links from {}", bpffs_dir.display());

@@ -74,12 +74,95 @@ pub struct ProviderDomain {
 }
 
 /// Interception settings.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Interception {
     /// What happens to new connections when the daemon is not running.
     #[serde(default)]
     pub failure_mode: FailureMode,
+    /// Lifetime of the leaf certificates minted per SNI (renewed after two thirds of it).
+    #[serde(default = "default_leaf_ttl", with = "humantime_serde")]
+    pub leaf_ttl: Duration,
+    /// Workloads whose connections are relayed untouched (never decrypted), e.g. clients that pin
+    /// certificates. A connection is bypassed when any selector matches.
+    #[serde(default)]
+    pub bypass: Vec<ProcessSelector>,
+}
+
+impl Default for Interception {
+    fn default() -> Self {
+        Self {
+            failure_mode: FailureMode::default(),
+            leaf_ttl: default_leaf_ttl(),
+            bypass: Vec::new(),
+        }
+    }
+}
+
+/// Selects processes by kernel facts. Every field is optional; the ones given must all match.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProcessSelector {
+    /// Executable path glob (e.g. `/usr/bin/java`, `/opt/**/bin/*`).
+    #[serde(default)]
+    pub exe: Option<String>,
+    /// Command name (exact, as in /proc/<pid>/comm).
+    #[serde(default)]
+    pub comm: Option<String>,
+    /// User id.
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// Cgroup path glob, relative to the cgroup2 root (e.g. `/kubepods.slice/**`).
+    #[serde(default)]
+    pub cgroup: Option<String>,
+}
+
+/// A compiled [`ProcessSelector`].
+#[derive(Clone, Debug)]
+pub struct SelectorMatcher {
+    exe: Option<globset::GlobMatcher>,
+    comm: Option<String>,
+    uid: Option<u32>,
+    cgroup: Option<globset::GlobMatcher>,
+}
+
+impl SelectorMatcher {
+    /// Whether the process matches every field given.
+    pub fn matches(&self, comm: &str, uid: u32, exe: Option<&Path>, cgroup: Option<&str>) -> bool {
+        self.comm.as_deref().is_none_or(|c| c == comm)
+            && self.uid.is_none_or(|u| u == uid)
+            && self
+                .exe
+                .as_ref()
+                .is_none_or(|g| exe.is_some_and(|e| g.is_match(e)))
+            && self
+                .cgroup
+                .as_ref()
+                .is_none_or(|g| cgroup.is_some_and(|c| g.is_match(c)))
+    }
+}
+
+fn compile_glob(pattern: &str) -> Result<globset::GlobMatcher, String> {
+    globset::GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .build()
+        .map(|g| g.compile_matcher())
+        .map_err(|e| format!("{pattern:?} is not a valid glob: {e}"))
+}
+
+impl ProcessSelector {
+    /// Compiles the globs; the error names what is wrong.
+    pub fn compile(&self) -> Result<SelectorMatcher, String> {
+        if self.exe.is_none() && self.comm.is_none() && self.uid.is_none() && self.cgroup.is_none() {
+            return Err("an empty selector would match everything; give at least one field".into());
+        }
+        Ok(SelectorMatcher {
+            exe: self.exe.as_deref().map(compile_glob).transpose()?,
+            comm: self.comm.clone(),
+            uid: self.uid,
+            cgroup: self.cgroup.as_deref().map(compile_glob).transpose()?,
+        })
+    }
 }
 
 /// Behaviour when the daemon is gone.
@@ -139,6 +222,9 @@ fn default_stale_grace() -> Duration {
 }
 fn default_retry_interval() -> Duration {
     Duration::from_secs(30)
+}
+fn default_leaf_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 /// A provider domain after merging the built-in catalog with the policy.
@@ -240,6 +326,18 @@ impl Policy {
                 ));
             }
         }
+        for (i, selector) in self.interception.bypass.iter().enumerate() {
+            selector
+                .compile()
+                .map_err(|m| invalid(format!("interception.bypass[{i}]"), m))?;
+        }
+        let ttl = self.interception.leaf_ttl;
+        if ttl < Duration::from_secs(600) || ttl > Duration::from_secs(397 * 24 * 3600) {
+            return Err(invalid(
+                "interception.leafTtl".into(),
+                format!("{} is outside 10m..397d", humantime::format_duration(ttl)),
+            ));
+        }
         let d = &self.discovery;
         if d.min_refresh.is_zero() || d.retry_interval.is_zero() {
             return Err(invalid(
@@ -258,6 +356,15 @@ impl Policy {
             ));
         }
         Ok(())
+    }
+
+    /// The compiled bypass selectors (validated by [`Policy::validate`]).
+    pub fn bypass_matchers(&self) -> Vec<SelectorMatcher> {
+        self.interception
+            .bypass
+            .iter()
+            .filter_map(|s| s.compile().ok())
+            .collect()
     }
 
     /// The provider domains to intercept: the built-in catalog (if enabled) with the policy's entries
@@ -355,6 +462,31 @@ mod tests {
         assert!(err.to_string().contains("unknown field `provider`"), "{err}");
         let err = parse("apiVersion: v2\nkind: InterceptorPolicy\n").expect_err("version");
         assert!(err.to_string().contains("apiVersion"), "{err}");
+    }
+
+    #[test]
+    fn bypass_selectors_match_on_every_given_field() {
+        let policy = parse(&format!(
+            "{HEADER}interception:\n  bypass:\n    - {{exe: \"/usr/bin/*\", uid: 1000}}\n    - {{cgroup: \"/kubepods.slice/**\"}}\n"
+        ))
+        .expect("valid");
+        let matchers = policy.bypass_matchers();
+        assert_eq!(matchers.len(), 2);
+        assert!(matchers[0].matches("curl", 1000, Some(Path::new("/usr/bin/curl")), None));
+        assert!(!matchers[0].matches("curl", 0, Some(Path::new("/usr/bin/curl")), None));
+        assert!(!matchers[0].matches("curl", 1000, Some(Path::new("/usr/local/bin/curl")), None));
+        assert!(
+            !matchers[0].matches("curl", 1000, None, None),
+            "unknown exe never matches an exe glob"
+        );
+        assert!(matchers[1].matches("x", 0, None, Some("/kubepods.slice/a/b.scope")));
+        let err = parse(&format!("{HEADER}interception:\n  bypass:\n    - {{}}\n")).expect_err("empty");
+        assert!(err.to_string().contains("interception.bypass[0]"), "{err}");
+        let err = parse(&format!(
+            "{HEADER}interception:\n  bypass:\n    - {{exe: \"[\"}}\n"
+        ))
+        .expect_err("glob");
+        assert!(err.to_string().contains("not a valid glob"), "{err}");
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //! handles them (at this stage: a byte-for-byte relay to the original destination).
 
 pub mod accept;
+pub mod classify;
+pub mod connection;
+pub mod exchange;
+pub mod http;
 pub mod passthrough;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -13,6 +17,10 @@ use tokio::net::{TcpListener, TcpSocket};
 
 use crate::ebpf::AttributionMap;
 use crate::identity::Enricher;
+use crate::policy::SelectorMatcher;
+use crate::providers::domain_matches;
+use crate::tls::leaf::LeafCerts;
+use crate::tls::upstream::Upstream;
 
 /// Errors of the proxy, classified by origin so metrics can label them.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +57,10 @@ pub struct ProxyMetrics {
     pub bytes: IntCounterVec,
     pub errors: IntCounterVec,
     pub duration: Histogram,
+    pub tls_handshakes: IntCounterVec,
+    pub requests: IntCounterVec,
+    pub requests_active: IntGauge,
+    pub request_duration: Histogram,
 }
 
 impl ProxyMetrics {
@@ -79,17 +91,57 @@ impl ProxyMetrics {
             )
             .buckets(vec![0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0]),
         )?;
-        registry.register(Box::new(connections.clone()))?;
-        registry.register(Box::new(active.clone()))?;
-        registry.register(Box::new(bytes.clone()))?;
-        registry.register(Box::new(errors.clone()))?;
-        registry.register(Box::new(duration.clone()))?;
+        let tls_handshakes = IntCounterVec::new(
+            Opts::new(
+                "interceptor_tls_connections_total",
+                "Redirected connections by how they were handled (terminated, passthrough_*, \
+                 client_rejected_certificate, handshake_failed, not_tls, closed_before_hello)",
+            ),
+            &["outcome"],
+        )?;
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "interceptor_http_requests_total",
+                "Requests proxied on terminated connections, by status class",
+            ),
+            &["status_class"],
+        )?;
+        let requests_active = IntGauge::new(
+            "interceptor_http_requests_active",
+            "Requests (and streams) in flight",
+        )?;
+        let request_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "interceptor_http_request_duration_seconds",
+                "Request duration until the response body ended",
+            )
+            .buckets(vec![
+                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
+        )?;
+        for collector in [
+            Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(active.clone()),
+            Box::new(bytes.clone()),
+            Box::new(errors.clone()),
+            Box::new(duration.clone()),
+            Box::new(tls_handshakes.clone()),
+            Box::new(requests.clone()),
+            Box::new(requests_active.clone()),
+            Box::new(request_duration.clone()),
+        ] {
+            registry.register(collector)?;
+        }
         Ok(Self {
             connections,
             active,
             bytes,
             errors,
             duration,
+            tls_handshakes,
+            requests,
+            requests_active,
+            request_duration,
         })
     }
 }
@@ -100,6 +152,25 @@ pub struct ProxyContext {
     pub enricher: Arc<Enricher>,
     pub metrics: ProxyMetrics,
     pub upstream_connect_timeout: Duration,
+    /// How long a client may take to send its ClientHello and finish the handshake.
+    pub hello_timeout: Duration,
+    /// A client silent for this long is taken for a server-speaks-first protocol and relayed.
+    pub first_byte_timeout: Duration,
+    /// Provider domain patterns whose SNI is terminated.
+    pub provider_domains: Vec<String>,
+    /// Processes whose connections are relayed untouched.
+    pub bypass: Vec<SelectorMatcher>,
+    pub leaves: Arc<LeafCerts>,
+    pub upstream: Arc<Upstream<http::UpstreamBody>>,
+}
+
+impl ProxyContext {
+    /// Whether `sni` is a provider domain (exact or wildcard match).
+    pub fn is_provider(&self, sni: &str) -> bool {
+        self.provider_domains
+            .iter()
+            .any(|pattern| domain_matches(pattern, sni))
+    }
 }
 
 /// Binds one listener per address on the same port: loopback (both families) for callers in the

@@ -70,6 +70,14 @@ impl Daemon {
             .arg("--bpffs-dir")
             .arg(&bpffs_dir)
             .args(extra_args)
+            .args(if extra_args.contains(&"--ca-cert") {
+                Vec::new()
+            } else {
+                vec![
+                    "--dev-ca-dir".to_owned(),
+                    dir.join("dev-ca").display().to_string(),
+                ]
+            })
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

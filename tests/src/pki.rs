@@ -4,13 +4,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use rcgen::{BasicConstraints, Certificate, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// A CA and its PEM file on disk.
 pub struct TestCa {
-    cert: Certificate,
-    key: KeyPair,
+    issuer: Issuer<'static, KeyPair>,
     /// PEM of the CA certificate (give it to clients as their trust anchor).
     pub cert_pem: String,
     pub pem_path: PathBuf,
@@ -38,8 +37,7 @@ impl TestCa {
         let pem_path = dir.join(file);
         std::fs::write(&pem_path, &cert_pem).with_context(|| format!("writing {}", pem_path.display()))?;
         Ok(Self {
-            cert,
-            key,
+            issuer: Issuer::new(params, key),
             cert_pem,
             pem_path,
         })
@@ -51,7 +49,7 @@ impl TestCa {
         let params = CertificateParams::new(names).context("certificate parameters")?;
         let key = KeyPair::generate().context("generating a server key")?;
         let cert = params
-            .signed_by(&key, &self.cert, &self.key)
+            .signed_by(&key, &self.issuer)
             .context("signing a server certificate")?;
         Ok(ServerCert {
             chain: vec![cert.der().clone()],
@@ -60,7 +58,7 @@ impl TestCa {
     }
 }
 
-/// A rustls server configuration presenting `cert` (HTTP/1.1 only).
+/// A rustls server configuration presenting `cert` (HTTP/2 and HTTP/1.1).
 pub fn server_config(cert: ServerCert) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -69,6 +67,6 @@ pub fn server_config(cert: ServerCert) -> anyhow::Result<Arc<rustls::ServerConfi
         .with_no_client_auth()
         .with_single_cert(cert.chain, cert.key)
         .context("server certificate")?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

@@ -1,5 +1,7 @@
-//! The standard simulated node: one provider namespace serving `api.openai.com` (a target) and
-//! `other.example.com` (not a target), a pod, and the daemon.
+//! The standard simulated node: one provider namespace serving `api.openai.com` and
+//! `api.anthropic.com` (targets, terminated), `relay.example.com` on the same address (relayed
+//! untouched: not a provider domain) and `other.example.com` on another address (not a target), a pod,
+//! and the daemon with an enterprise CA made by `interceptor ca init`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -15,8 +17,12 @@ use crate::provider::Provider;
 
 /// Port of the plain TCP sink on the provider addresses (also a target port).
 pub const SINK_PORT: u16 = 8443;
+/// Served on the provider's target address but not a provider domain: relayed untouched.
+pub const RELAY_HOST: &str = "relay.example.com";
+/// Served on an address that is not a target.
+pub const OTHER_HOST: &str = "other.example.com";
 
-/// A policy intercepting `api.openai.com` on the simulated provider addresses.
+/// A policy intercepting `api.openai.com` and `api.anthropic.com` on the simulated provider addresses.
 pub fn policy(failure_mode: &str) -> String {
     format!(
         "apiVersion: interceptor.dev/v1alpha1
@@ -26,6 +32,8 @@ providers:
   - domain: api.openai.com
     addresses: [{PROVIDER_V4}, \"{PROVIDER_V6}\"]
     ports: [443, {SINK_PORT}]
+  - domain: api.anthropic.com
+    addresses: [{PROVIDER_V4}]
 interception:
   failureMode: {failure_mode}
 "
@@ -38,7 +46,10 @@ pub struct Scenario {
     pub provider: Provider,
     pub pod: Pod,
     pub provider_netns: ProviderNetns,
+    /// The test public CA that signs the simulated providers' own certificates.
     pub ca_path: PathBuf,
+    /// The enterprise CA (made by `interceptor ca init`) that signs the minted leaves.
+    pub enterprise_ca: PathBuf,
     pub host_cgroup: PathBuf,
     pub node: Node,
 }
@@ -49,12 +60,15 @@ impl Scenario {
         let mut node = Node::new()?;
         let hosts: Vec<(&str, IpAddr)> = vec![
             ("api.openai.com", PROVIDER_V4.into()),
-            ("other.example.com", OTHER_V4.into()),
+            ("api.anthropic.com", PROVIDER_V4.into()),
+            (RELAY_HOST, PROVIDER_V4.into()),
+            (OTHER_HOST, OTHER_V4.into()),
         ];
         let pod = node.add_pod("pod-a", &hosts)?;
         let provider_netns = node.add_provider("provider")?;
         let ca = TestCa::new("Test Public Root CA", &node.dir, "public-ca.pem")?;
-        let tls = server_config(ca.issue(&["api.openai.com", "other.example.com"])?)?;
+        let tls =
+            server_config(ca.issue(&["api.openai.com", "api.anthropic.com", RELAY_HOST, OTHER_HOST])?)?;
         let tls_addrs = [
             SocketAddr::new(PROVIDER_V4.into(), 443),
             SocketAddr::new(PROVIDER_V6.into(), 443),
@@ -66,42 +80,73 @@ impl Scenario {
         ];
         let provider = Provider::start(&provider_netns, tls, &tls_addrs, &sink_addrs)?;
         let host_cgroup = node.host_cgroup("ict-client")?;
-        let daemon = Daemon::start(&node.dir, policy, true, extra_args)?;
+
+        let enterprise_dir = node.dir.join("enterprise-ca");
+        let init = Command::new(crate::daemon::binary())
+            .args(["ca", "init", "--name", "Interceptor Test Enterprise CA", "--out"])
+            .arg(&enterprise_dir)
+            .output()
+            .context("interceptor ca init")?;
+        anyhow::ensure!(init.status.success(), "interceptor ca init failed: {init:?}");
+        let enterprise_ca = enterprise_dir.join("ca.crt");
+        let mut args: Vec<String> = vec![
+            "--ca-cert".into(),
+            enterprise_ca.display().to_string(),
+            "--ca-key".into(),
+            enterprise_dir.join("ca.key").display().to_string(),
+            "--upstream-ca-bundle".into(),
+            ca.pem_path.display().to_string(),
+        ];
+        args.extend(extra_args.iter().map(|a| (*a).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let daemon = Daemon::start(&node.dir, policy, true, &args)?;
         Ok(Self {
             daemon,
             provider,
             pod,
             provider_netns,
             ca_path: ca.pem_path,
+            enterprise_ca,
             host_cgroup,
             node,
         })
     }
 
-    /// curl arguments for an HTTPS GET that trusts the test public CA.
-    pub fn curl_args(&self, url: &str, extra: &[&str]) -> Vec<String> {
-        let mut args: Vec<String> = ["-sS", "--max-time", "10", "--cacert"]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect();
-        args.push(self.ca_path.display().to_string());
+    fn curl_args(ca: &std::path::Path, url: &str, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = vec!["-sS".into(), "--max-time".into(), "15".into(), "--cacert".into()];
+        args.push(ca.display().to_string());
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         args.push(url.to_owned());
         args
     }
 
-    /// Runs curl in the pod.
+    /// Runs curl in the pod, trusting only the test public CA (a client that does not trust the
+    /// enterprise CA).
     pub fn pod_curl(&self, url: &str, extra: &[&str]) -> anyhow::Result<Curl> {
-        let args = self.curl_args(url, extra);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Curl::run(self.pod.command("curl", &args))
+        let args = Self::curl_args(&self.ca_path, url, extra);
+        Curl::run(
+            self.pod
+                .command("curl", &args.iter().map(String::as_str).collect::<Vec<_>>()),
+        )
     }
 
-    /// Runs curl in the host namespace, in the test host cgroup.
+    /// Runs curl in the pod, trusting the enterprise CA (a pod with the trust bundle mounted).
+    pub fn pod_curl_trusting(&self, url: &str, extra: &[&str]) -> anyhow::Result<Curl> {
+        let args = Self::curl_args(&self.enterprise_ca, url, extra);
+        Curl::run(
+            self.pod
+                .command("curl", &args.iter().map(String::as_str).collect::<Vec<_>>()),
+        )
+    }
+
+    /// Runs curl in the host namespace, in the test host cgroup, trusting the test public CA.
     pub fn host_curl(&self, url: &str, extra: &[&str]) -> anyhow::Result<Curl> {
-        let args = self.curl_args(url, extra);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Curl::run(self.node.host_command(&self.host_cgroup, "curl", &args))
+        let args = Self::curl_args(&self.ca_path, url, extra);
+        Curl::run(self.node.host_command(
+            &self.host_cgroup,
+            "curl",
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        ))
     }
 }
 
@@ -112,7 +157,7 @@ pub struct Curl {
 }
 
 impl Curl {
-    fn run(mut command: Command) -> anyhow::Result<Self> {
+    pub fn run(mut command: Command) -> anyhow::Result<Self> {
         let child = command
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -127,16 +172,17 @@ impl Curl {
         self.output.status.success()
     }
 
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+
     /// The JSON body (the simulated provider reports the peer and SNI it saw).
     pub fn json(&self) -> anyhow::Result<Value> {
-        serde_json::from_slice(&self.output.stdout).with_context(|| {
-            format!(
-                "curl did not return JSON (status {}): stdout {:?} stderr {:?}",
-                self.output.status,
-                String::from_utf8_lossy(&self.output.stdout),
-                String::from_utf8_lossy(&self.output.stderr)
-            )
-        })
+        serde_json::from_slice(&self.output.stdout).with_context(|| self.describe())
     }
 
     pub fn describe(&self) -> String {
@@ -144,8 +190,8 @@ impl Curl {
             "curl pid {} exited {}: stdout {:?} stderr {:?}",
             self.pid,
             self.output.status,
-            String::from_utf8_lossy(&self.output.stdout),
-            String::from_utf8_lossy(&self.output.stderr)
+            self.stdout(),
+            self.stderr()
         )
     }
 }

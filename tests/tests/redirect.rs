@@ -9,9 +9,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tests::node::{NODE_V4, OTHER_V4, PROVIDER_V4, PROVIDER_V6, cgroup_id};
-use tests::scenario::{SINK_PORT, Scenario, policy};
+use tests::scenario::{RELAY_HOST, SINK_PORT, Scenario, policy};
 
-const OPENAI: &str = "https://api.openai.com/v1/models";
+/// A name served on the provider's target address that is not a provider domain: its TLS is relayed
+/// byte for byte, so the client sees the provider's own certificate (checked by curl against the test
+/// public CA) and the daemon still attributes the connection.
+const RELAYED: &str = "https://relay.example.com/v1/models";
 
 fn scenario(test: &str, failure_mode: &str) -> Option<Scenario> {
     if !tests::privileged_available(test) {
@@ -48,17 +51,17 @@ async fn host_and_pod_connections_are_redirected_and_attributed() {
         .metric("interceptor_redirect_events_total{event=\"skipped\"}")
         .expect("scrape");
 
-    let resolve = format!("api.openai.com:443:{PROVIDER_V4}");
-    let host = s.host_curl(OPENAI, &["--resolve", &resolve]).expect("host curl");
+    let resolve = format!("{RELAY_HOST}:443:{PROVIDER_V4}");
+    let host = s.host_curl(RELAYED, &["--resolve", &resolve]).expect("host curl");
     assert!(host.success(), "host client failed: {}", host.describe());
-    let pod = s.pod_curl(OPENAI, &[]).expect("pod curl");
+    let pod = s.pod_curl(RELAYED, &[]).expect("pod curl");
     assert!(pod.success(), "pod client failed: {}", pod.describe());
 
     // Real TLS with the provider's own certificate (curl verified it against the test public CA),
     // and the provider saw the daemon's upstream connection, not the pod.
     for (who, curl) in [("host", &host), ("pod", &pod)] {
         let body = curl.json().expect("provider answer");
-        assert_eq!(body["sni"], "api.openai.com", "{who}: {body}");
+        assert_eq!(body["sni"], RELAY_HOST, "{who}: {body}");
         assert_eq!(
             peer_ip(&body),
             "203.0.113.1",
@@ -91,6 +94,7 @@ async fn host_and_pod_connections_are_redirected_and_attributed() {
         "{host_line}"
     );
     assert_eq!(host_line["user"], "root", "{host_line}");
+    assert_eq!(host_line["mode"], "passthrough_unlisted_sni", "{host_line}");
 
     let pod_line = connection_of(&mut s, pod.pid);
     assert_eq!(
@@ -179,13 +183,13 @@ async fn ipv6_is_redirected_like_ipv4() {
     let Some(mut s) = scenario("ipv6_is_redirected_like_ipv4", "open") else {
         return;
     };
-    let resolve = format!("api.openai.com:443:[{PROVIDER_V6}]");
+    let resolve = format!("{RELAY_HOST}:443:[{PROVIDER_V6}]");
     let pod = s
-        .pod_curl(OPENAI, &["-6", "--resolve", &resolve])
+        .pod_curl(RELAYED, &["-6", "--resolve", &resolve])
         .expect("pod curl");
     assert!(pod.success(), "{}", pod.describe());
     let host = s
-        .host_curl(OPENAI, &["-6", "--resolve", &resolve])
+        .host_curl(RELAYED, &["-6", "--resolve", &resolve])
         .expect("host curl");
     assert!(host.success(), "{}", host.describe());
     for curl in [&pod, &host] {
@@ -255,7 +259,7 @@ print(' '.join(results))
             .expect("scrape"),
         4.0
     );
-    let tcp = s.pod_curl(OPENAI, &[]).expect("curl");
+    let tcp = s.pod_curl(RELAYED, &[]).expect("curl");
     assert!(
         tcp.success(),
         "TCP to the same address must work: {}",
@@ -271,7 +275,7 @@ async fn fail_open_after_kill9_connects_directly_within_one_second() {
     ) else {
         return;
     };
-    let before = s.pod_curl(OPENAI, &[]).expect("curl");
+    let before = s.pod_curl(RELAYED, &[]).expect("curl");
     assert_eq!(
         peer_ip(&before.json().expect("answer")),
         "203.0.113.1",
@@ -283,7 +287,7 @@ async fn fail_open_after_kill9_connects_directly_within_one_second() {
     let mut attempts = 0;
     let direct = loop {
         attempts += 1;
-        let curl = s.pod_curl(OPENAI, &["--max-time", "1"]).expect("curl");
+        let curl = s.pod_curl(RELAYED, &["--max-time", "1"]).expect("curl");
         if curl.success() {
             break curl;
         }
@@ -308,7 +312,7 @@ async fn fail_closed_after_kill9_refuses_connections() {
     let Some(mut s) = scenario("fail_closed_after_kill9_refuses_connections", "closed") else {
         return;
     };
-    let before = s.pod_curl(OPENAI, &[]).expect("curl");
+    let before = s.pod_curl(RELAYED, &[]).expect("curl");
     assert!(before.success(), "{}", before.describe());
     assert!(
         s.daemon.bpffs_dir.join("redirect_connect4").exists(),
@@ -316,16 +320,16 @@ async fn fail_closed_after_kill9_refuses_connections() {
     );
 
     s.daemon.kill9().expect("kill -9");
-    let pod = s.pod_curl(OPENAI, &["--max-time", "3"]).expect("curl");
+    let pod = s.pod_curl(RELAYED, &["--max-time", "3"]).expect("curl");
     assert_eq!(
         pod.output.status.code(),
         Some(7),
         "pod connection must be refused: {}",
         pod.describe()
     );
-    let resolve = format!("api.openai.com:443:{PROVIDER_V4}");
+    let resolve = format!("{RELAY_HOST}:443:{PROVIDER_V4}");
     let host = s
-        .host_curl(OPENAI, &["--max-time", "3", "--resolve", &resolve])
+        .host_curl(RELAYED, &["--max-time", "3", "--resolve", &resolve])
         .expect("curl");
     assert_eq!(
         host.output.status.code(),
@@ -341,7 +345,7 @@ async fn fail_closed_after_kill9_refuses_connections() {
         .output()
         .expect("detach");
     assert!(detach.status.success(), "{detach:?}");
-    let after = s.pod_curl(OPENAI, &[]).expect("curl");
+    let after = s.pod_curl(RELAYED, &[]).expect("curl");
     assert!(after.success(), "{}", after.describe());
     assert_eq!(peer_ip(&after.json().expect("answer")), s.pod.v4.to_string());
 }
@@ -359,6 +363,8 @@ async fn no_map_entry_is_left_after_10000_short_connections() {
             let result =
                 TcpStream::connect_timeout(&target, Duration::from_secs(5)).and_then(|mut stream| {
                     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    // A first byte that is not TLS: the proxy relays it untouched at once.
+                    std::io::Write::write_all(&mut stream, b"x")?;
                     let mut answer = String::new();
                     stream.read_to_string(&mut answer)?;
                     Ok(answer)
@@ -383,7 +389,7 @@ async fn no_map_entry_is_left_after_10000_short_connections() {
     loop {
         let relayed = s
             .daemon
-            .metric("interceptor_connections_total{outcome=\"relayed\"}")
+            .metric("interceptor_connections_total{outcome=\"completed\"}")
             .expect("scrape");
         if relayed >= CONNECTIONS as f64 || Instant::now() > deadline {
             assert_eq!(relayed, CONNECTIONS as f64, "every connection must be relayed");

@@ -28,6 +28,13 @@ fn run_args(policy: &std::path::Path) -> Vec<String> {
         "off".into(),
         "--bpffs-dir".into(),
         format!("/sys/fs/bpf/ict-startup-{}", std::process::id()),
+        "--dev-ca-dir".into(),
+        policy
+            .parent()
+            .map(|d| d.join("dev-ca"))
+            .unwrap_or_default()
+            .display()
+            .to_string(),
     ]
 }
 
@@ -98,6 +105,27 @@ fn missing_privileges_is_one_error_line() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     );
     let _ = std::fs::set_permissions(&policy, std::os::unix::fs::PermissionsExt::from_mode(0o644));
+    // The CA belongs to the unprivileged user, so the first thing that fails is loading eBPF.
+    let ca_dir = policy.parent().expect("dir").join("nobody-ca");
+    let init = Command::new(binary())
+        .args(["ca", "init", "--out"])
+        .arg(&ca_dir)
+        .output()
+        .expect("ca init");
+    assert!(init.status.success(), "{init:?}");
+    let chown = Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(&ca_dir)
+        .status()
+        .expect("chown");
+    assert!(chown.success());
+    let mut args = run_args(&policy);
+    let dev_ca = args
+        .iter()
+        .position(|a| a == "--dev-ca-dir")
+        .expect("--dev-ca-dir")
+        + 1;
+    args[dev_ca] = ca_dir.display().to_string();
     let output = Command::new("setpriv")
         .args([
             "--reuid=65534",
@@ -107,7 +135,7 @@ fn missing_privileges_is_one_error_line() {
             "--",
         ])
         .arg(binary())
-        .args(run_args(&policy))
+        .args(args)
         .output()
         .expect("setpriv");
     assert_one_error_line(&output, "loading the eBPF programs was not permitted");

@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, info_span, warn};
 
 use super::ProxyContext;
-use super::passthrough;
+use super::connection;
 
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -52,7 +52,7 @@ pub async fn serve(
         tracker.spawn(
             async move {
                 let _permit = permit;
-                passthrough::handle(&ctx, stream, peer, abort).await;
+                connection::handle(&ctx, stream, peer, abort).await;
             }
             .instrument(span),
         );

@@ -1,0 +1,302 @@
+//! The terminated side: an HTTP/1.1 and HTTP/2 server on the client's TLS stream, forwarding each
+//! request to the original destination with streaming bodies in both directions.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, warn};
+
+use super::ProxyMetrics;
+use super::exchange::{ConnInfo, Direction, Exchange, Metered};
+use crate::tls::upstream::Upstream;
+
+/// Request bodies sent upstream.
+pub type UpstreamBody = Metered<Incoming>;
+/// Response bodies sent to the client: the provider's, or a local one (errors).
+pub type ClientBody = Either<Metered<Incoming>, Full<Bytes>>;
+
+/// What the HTTP service of one connection needs.
+pub struct HttpContext {
+    pub conn: Arc<ConnInfo>,
+    pub upstream: Arc<Upstream<UpstreamBody>>,
+    pub original_dst: SocketAddr,
+    /// The client offered HTTP/2 (so may the upstream connection).
+    pub client_offered_h2: bool,
+    pub metrics: ProxyMetrics,
+}
+
+/// Serves HTTP on a terminated TLS stream until the client closes it.
+pub async fn serve<IO>(io: IO, ctx: Arc<HttpContext>) -> Result<(), String>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(request, &ctx).await) }
+    });
+    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn handle(mut request: Request<Incoming>, ctx: &HttpContext) -> Response<ClientBody> {
+    let exchange = Exchange::start(
+        ctx.conn.clone(),
+        ctx.metrics.clone(),
+        request.method().clone(),
+        request.uri().path(),
+    );
+    let sni = ctx.conn.sni.as_str();
+    if let Some(host) = request_host(&request)
+        && !host.eq_ignore_ascii_case(sni)
+    {
+        let message =
+            format!("misdirected request: host {host:?} does not match the TLS server name {sni:?}\n");
+        exchange.fail(message.clone());
+        return local(&exchange, StatusCode::MISDIRECTED_REQUEST, message);
+    }
+    let websocket = is_websocket_upgrade(&request);
+    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut request));
+
+    let (mut parts, body) = request.into_parts();
+    strip_hop_by_hop(&mut parts.headers, websocket);
+    parts.headers.remove(header::HOST);
+    parts.uri = match upstream_uri(sni, ctx.original_dst.port(), &parts.uri) {
+        Ok(uri) => uri,
+        Err(e) => {
+            return local(
+                &exchange,
+                StatusCode::BAD_REQUEST,
+                format!("bad request target: {e}\n"),
+            );
+        }
+    };
+    parts.version = Version::HTTP_11;
+    let upstream_request = Request::from_parts(parts, Metered::new(body, exchange.clone(), Direction::Up));
+    // WebSocket upgrades need HTTP/1.1 upstream.
+    let client = ctx
+        .upstream
+        .client(ctx.original_dst, ctx.client_offered_h2 && !websocket);
+    let mut response = match client.request(upstream_request).await {
+        Ok(response) => response,
+        Err(e) => {
+            let message = format!("upstream {}: {}", ctx.original_dst, error_chain(&e));
+            warn!(error = %message, "upstream request failed");
+            ctx.metrics.errors.with_label_values(&["upstream"]).inc();
+            exchange.fail(message);
+            return local(
+                &exchange,
+                StatusCode::BAD_GATEWAY,
+                "upstream request failed\n".into(),
+            );
+        }
+    };
+    exchange.responded(response.status());
+    if let Some(client_upgrade) = client_upgrade
+        && response.status() == StatusCode::SWITCHING_PROTOCOLS
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let exchange = exchange.clone();
+        tokio::spawn(async move {
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client, upstream)) => {
+                    let mut client = TokioIo::new(client);
+                    let mut upstream = TokioIo::new(upstream);
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                        debug!(error = %e, "websocket tunnel ended with an error");
+                    }
+                }
+                Err(e) => exchange.fail(format!("upgrade failed: {e}")),
+            }
+            drop(exchange);
+        });
+    } else {
+        strip_hop_by_hop(response.headers_mut(), false);
+    }
+    response.map(|body| Either::Left(Metered::new(body, exchange, Direction::Down)))
+}
+
+/// A response made by the proxy itself.
+fn local(exchange: &Arc<Exchange>, status: StatusCode, body: String) -> Response<ClientBody> {
+    exchange.responded(status);
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// The host the request names (URI authority for HTTP/2, else the Host header), without port.
+fn request_host<B>(request: &Request<B>) -> Option<String> {
+    let authority = match request.uri().authority() {
+        Some(authority) => authority.host().to_owned(),
+        None => {
+            let value = request.headers().get(header::HOST)?.to_str().ok()?;
+            let authority: http::uri::Authority = value.parse().ok()?;
+            authority.host().to_owned()
+        }
+    };
+    Some(authority.trim_end_matches('.').to_owned())
+}
+
+fn upstream_uri(sni: &str, port: u16, original: &Uri) -> Result<Uri, http::Error> {
+    let path = original.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let authority = if port == 443 {
+        sni.to_owned()
+    } else {
+        format!("{sni}:{port}")
+    };
+    Uri::builder()
+        .scheme("https")
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+}
+
+fn is_websocket_upgrade<B>(request: &Request<B>) -> bool {
+    request.version() == Version::HTTP_11
+        && request
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): those named in `Connection` and the standard set.
+/// With `keep_upgrade`, `Connection: upgrade` and `Upgrade` pass (WebSocket handshakes).
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        if !(keep_upgrade && name == header::UPGRADE) {
+            headers.remove(&name);
+        }
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in [
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    if !te_trailers {
+        headers.remove(header::TE);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        headers.insert("x-private", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(header::TE, HeaderValue::from_static("gzip"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer sk-test"));
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert!(headers.contains_key(header::AUTHORIZATION));
+    }
+
+    #[test]
+    fn te_trailers_and_websocket_upgrade_survive() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut headers, true);
+        assert_eq!(
+            headers.get(header::TE).map(|v| v.as_bytes()),
+            Some(&b"trailers"[..])
+        );
+        assert_eq!(
+            headers.get(header::UPGRADE).map(|v| v.as_bytes()),
+            Some(&b"websocket"[..])
+        );
+        assert_eq!(
+            headers.get(header::CONNECTION).map(|v| v.as_bytes()),
+            Some(&b"upgrade"[..])
+        );
+    }
+
+    #[test]
+    fn host_comes_from_authority_or_header() {
+        let request = Request::builder()
+            .uri("https://API.openai.com/v1/models")
+            .body(())
+            .expect("request");
+        assert_eq!(request_host(&request).as_deref(), Some("API.openai.com"));
+        let request = Request::builder()
+            .uri("/v1")
+            .header("host", "api.openai.com:443")
+            .body(())
+            .expect("request");
+        assert_eq!(request_host(&request).as_deref(), Some("api.openai.com"));
+        let request = Request::builder().uri("/v1").body(()).expect("request");
+        assert_eq!(request_host(&request), None);
+    }
+
+    #[test]
+    fn upstream_uri_keeps_path_and_query_and_non_default_port() {
+        let uri: Uri = "/v1beta/models/x:generateContent?alt=sse".parse().expect("uri");
+        assert_eq!(
+            upstream_uri("generativelanguage.googleapis.com", 443, &uri)
+                .expect("uri")
+                .to_string(),
+            "https://generativelanguage.googleapis.com/v1beta/models/x:generateContent?alt=sse"
+        );
+        assert_eq!(
+            upstream_uri("h.example", 8443, &uri)
+                .expect("uri")
+                .authority()
+                .map(|a| a.as_str()),
+            Some("h.example:8443")
+        );
+    }
+}

@@ -1,0 +1,110 @@
+//! Leaf certificates minted per SNI, signed by the enterprise CA, cached and renewed before expiry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{IntCounterVec, Opts, Registry};
+use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose};
+use rustls::ServerConfig;
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use super::ca::EnterpriseCa;
+
+/// Minting failed.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum LeafError {
+    #[error("minting a leaf for {0:?}: {1}")]
+    Mint(String, String),
+    #[error("minting task failed: {0}")]
+    Task(String),
+}
+
+/// Leaf metrics.
+#[derive(Clone)]
+pub struct LeafMetrics {
+    minted: IntCounterVec,
+}
+
+impl LeafMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let minted = IntCounterVec::new(
+            Opts::new(
+                "interceptor_leaf_certificates_minted_total",
+                "Leaf certificates minted, by result",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(minted.clone()))?;
+        Ok(Self { minted })
+    }
+}
+
+/// The per-SNI server configurations (leaf + chain), minted on first use.
+pub struct LeafCerts {
+    ca: Arc<EnterpriseCa>,
+    ttl: Duration,
+    cache: moka::future::Cache<String, Arc<ServerConfig>>,
+    metrics: LeafMetrics,
+}
+
+impl LeafCerts {
+    /// `ttl` is the leaf lifetime; a cached leaf is replaced once two thirds of it have passed, so a
+    /// client never receives a leaf that is about to expire. At most `capacity` SNIs are cached (LRU).
+    pub fn new(ca: Arc<EnterpriseCa>, ttl: Duration, capacity: u64, metrics: LeafMetrics) -> Self {
+        let cache = moka::future::Cache::builder()
+            .max_capacity(capacity)
+            .time_to_live(ttl * 2 / 3)
+            .build();
+        Self {
+            ca,
+            ttl,
+            cache,
+            metrics,
+        }
+    }
+
+    /// The server configuration for `sni`. Minting runs on a blocking thread and concurrent requests
+    /// for the same SNI share one minting.
+    pub async fn server_config(&self, sni: &str) -> Result<Arc<ServerConfig>, Arc<LeafError>> {
+        let sni = sni.to_ascii_lowercase();
+        let ca = self.ca.clone();
+        let ttl = self.ttl;
+        let metrics = self.metrics.clone();
+        self.cache
+            .try_get_with(sni.clone(), async move {
+                let result = tokio::task::spawn_blocking(move || mint(&ca, &sni, ttl))
+                    .await
+                    .map_err(|e| LeafError::Task(e.to_string()))
+                    .and_then(|r| r);
+                let label = if result.is_ok() { "success" } else { "failure" };
+                metrics.minted.with_label_values(&[label]).inc();
+                result
+            })
+            .await
+    }
+}
+
+fn mint(ca: &EnterpriseCa, sni: &str, ttl: Duration) -> Result<Arc<ServerConfig>, LeafError> {
+    let error = |e: &dyn std::fmt::Display| LeafError::Mint(sni.to_owned(), e.to_string());
+    let mut params = CertificateParams::new(vec![sni.to_owned()]).map_err(|e| error(&e))?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, sni);
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + time::Duration::try_from(ttl).map_err(|e| error(&e))?;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    let key = KeyPair::generate().map_err(|e| error(&e))?;
+    let cert = params.signed_by(&key, ca.issuer()).map_err(|e| error(&e))?;
+    let mut chain = vec![cert.der().clone()];
+    chain.extend(ca.chain.iter().cloned());
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let mut config = ServerConfig::builder_with_provider(super::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| error(&e))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)
+        .map_err(|e| error(&e))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
