@@ -27,7 +27,7 @@ enum Command {
     /// Run the daemon: attach the eBPF programs and serve the proxy.
     Run {
         #[command(flatten)]
-        config: Config,
+        config: Box<Config>,
         /// Tokio worker threads (default: one per CPU).
         #[arg(long, env = "INTERCEPTOR_WORKER_THREADS")]
         worker_threads: Option<usize>,
@@ -97,7 +97,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let runtime = builder.build().context("building the tokio runtime")?;
             runtime.block_on(async move {
-                let app = interceptor::app::build(config).await?;
+                let app = interceptor::app::build(*config).await?;
                 app.wait_termination().await
             })?;
             Ok(ExitCode::SUCCESS)
