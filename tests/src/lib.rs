@@ -39,3 +39,19 @@ pub fn privileged_available(test: &str) -> bool {
         }
     }
 }
+
+/// The Python interpreter of the venv `cargo xtask setup` creates (`$INTERCEPTOR_VENV/bin/python`, default
+/// `<workspace>/.venv`).
+pub fn venv_python() -> std::path::PathBuf {
+    let venv = std::env::var_os("INTERCEPTOR_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv"));
+    venv.join("bin/python")
+}
+
+/// A script of `tests/python/`.
+pub fn python_script(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(name)
+}
