@@ -360,3 +360,38 @@ async fn bad_input_is_handled_and_the_daemon_keeps_serving() {
         "the truncated request is recorded: {truncated:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bypassed_processes_are_relayed_untouched() {
+    if !tests::privileged_available("bypassed_processes_are_relayed_untouched") {
+        return;
+    }
+    // Pinned clients in the pods' cgroups keep their end-to-end TLS with the provider.
+    let policy = format!(
+        "{}  bypass:\n    - {{comm: curl, cgroup: \"/ict.slice/kubepods.slice/**\"}}\n",
+        policy("open")
+    );
+    let mut s = Scenario::start(&policy, &[]).expect("simulated node and daemon start");
+    let pinned = s.pod_curl(MODELS, &[]).expect("curl");
+    assert!(
+        pinned.success(),
+        "a bypassed client sees the provider's own certificate: {}",
+        pinned.describe()
+    );
+    let line = s
+        .daemon
+        .wait_log(Duration::from_secs(10), |l| {
+            l["message"] == "connection closed" && l["tgid"] == pinned.pid
+        })
+        .expect("connection line");
+    assert_eq!(line["mode"], "passthrough_bypassed", "{line}");
+    // The selector is specific: the same client in the host cgroup is intercepted.
+    let resolve = format!("api.openai.com:443:{PROVIDER_V4}");
+    let host = s.host_curl(MODELS, &["--resolve", &resolve]).expect("curl");
+    assert_eq!(
+        host.output.status.code(),
+        Some(60),
+        "not bypassed, so it gets the minted leaf: {}",
+        host.describe()
+    );
+}

@@ -92,9 +92,20 @@ fn run(root: &std::path::Path, extra: &[String]) -> anyhow::Result<()> {
     build(true)?;
     sh::require_root("running the interceptor (it loads eBPF programs)")?;
     let binary = root.join("target/release/interceptor");
+    let dev_ca = root.join(".state/dev-ca");
     println!("\nStarting the interceptor (built-in default policy). Metrics: http://127.0.0.1:9464/metrics");
+    println!(
+        "Development CA: {}/ca.crt (generated on first run; clients must trust it)",
+        dev_ca.display()
+    );
     println!("Stop it with Ctrl-C.\n");
-    let mut args: Vec<String> = vec!["run".into(), "--metrics-addr".into(), "127.0.0.1:9464".into()];
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--metrics-addr".into(),
+        "127.0.0.1:9464".into(),
+        "--dev-ca-dir".into(),
+        dev_ca.display().to_string(),
+    ];
     args.extend(extra.iter().cloned());
     let status = std::process::Command::new(&binary)
         .args(&args)
