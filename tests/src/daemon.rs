@@ -45,15 +45,12 @@ impl Daemon {
         let policy_path = dir.join("policy.yaml");
         std::fs::write(&policy_path, policy)?;
         let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/{PREFIX}-{}", std::process::id()));
+        // `INTERCEPTOR_TEST_LOG` overrides the filter (benchmarks keep only the ready line).
+        let log_level =
+            std::env::var("INTERCEPTOR_TEST_LOG").unwrap_or_else(|_| "info,interceptor=debug".into());
         let mut command = Command::new(binary());
         command
-            .args([
-                "--log-format",
-                "json",
-                "--log-level",
-                "info,interceptor=debug",
-                "run",
-            ])
+            .args(["--log-format", "json", "--log-level", log_level.as_str(), "run"])
             .arg("--policy")
             .arg(&policy_path)
             .args(["--proxy-port", "0", "--metrics-addr", "127.0.0.1:0"])

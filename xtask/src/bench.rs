@@ -14,6 +14,12 @@ pub enum Which {
         #[arg(long, default_value_t = 5000)]
         connections: u32,
     },
+    /// wrk in a pod: direct vs intercepted vs an nginx TLS hop, chat and streaming chat, c = 1, 16, 64.
+    Proxy {
+        /// Seconds per wrk run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+    },
 }
 
 pub fn run(root: &Path, which: Which) -> anyhow::Result<()> {
@@ -30,10 +36,13 @@ pub fn run(root: &Path, which: Which) -> anyhow::Result<()> {
     let binary = root.join("target/release/interceptor");
     let mut command = Command::new(root.join("target/release/interceptor-bench"));
     command.env("INTERCEPTOR_BIN", &binary);
+    // Only the daemon's ready line: per-request logging is not what is measured.
+    command.env("INTERCEPTOR_TEST_LOG", "warn,interceptor::app=info");
     match which {
         Which::Connect { connections } => {
             command.args(["connect", "--connections", &connections.to_string()])
         }
+        Which::Proxy { seconds } => command.args(["proxy", "--seconds", &seconds.to_string()]),
     };
     sh::status(&mut command)
 }

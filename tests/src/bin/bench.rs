@@ -17,9 +17,16 @@ fn main() -> anyhow::Result<()> {
             let connections = flag(&args, "--connections").unwrap_or(5000);
             connect(connections)
         }
-        _ => bail!("usage: interceptor-bench connect [--connections N]"),
+        Some("proxy") => {
+            let seconds = flag(&args, "--seconds").unwrap_or(5);
+            proxy::run(seconds)
+        }
+        _ => bail!("usage: interceptor-bench connect [--connections N] | proxy [--seconds N]"),
     }
 }
+
+#[path = "bench/proxy.rs"]
+mod proxy;
 
 fn flag(args: &[String], name: &str) -> Option<u32> {
     args.iter()

@@ -1,0 +1,387 @@
+//! `bench proxy`: wrk in a pod against a simulated provider, for a non-streaming and a streaming chat
+//! completion at concurrency 1, 16 and 64, through three paths measured in the same run and
+//! interleaved (A B C C B A): direct (interception off), intercepted (one worker thread), and a
+//! reference TLS hop (Debian's nginx, one worker, TLS to the provider with upstream keep-alive).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tests::daemon::Daemon;
+use tests::node::{NODE_V4, Node, PROVIDER_V4, PROVIDER_V6};
+use tests::pki::{TestCa, server_config};
+use tests::provider::Provider;
+use tests::scenario::policy;
+
+const NGINX_PORT: u16 = 8444;
+const CONCURRENCY: [u32; 3] = [1, 16, 64];
+const WORKLOADS: [(&str, &str); 2] = [
+    (
+        "chat",
+        r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}"#,
+    ),
+    (
+        "chat-stream",
+        r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#,
+    ),
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Path3 {
+    Direct,
+    Intercepted,
+    Nginx,
+}
+
+#[derive(Default, Clone)]
+struct Sample {
+    requests_per_s: Vec<f64>,
+    p50_ms: Vec<f64>,
+    p99_ms: Vec<f64>,
+    cpu_us_per_request: Vec<f64>,
+}
+
+pub fn run(seconds: u32) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let _guard = runtime.enter();
+    let mut node = Node::new()?;
+    let hosts = [
+        ("api.openai.com", PROVIDER_V4.into()),
+        ("nginx.local", NODE_V4.into()),
+    ];
+    let pod = node.add_pod("bench-pod", &hosts)?;
+    let provider_netns = node.add_provider("bench-provider")?;
+    let ca = TestCa::new("Bench Public CA", &node.dir, "public-ca.pem")?;
+    let tls = server_config(ca.issue(&["api.openai.com", "nginx.local"])?)?;
+    let _provider = Provider::start(
+        &provider_netns,
+        tls,
+        &[
+            SocketAddr::new(PROVIDER_V4.into(), 443),
+            SocketAddr::new(PROVIDER_V6.into(), 443),
+        ],
+        &[],
+    )?;
+    let nginx_cert = ca.issue(&["nginx.local"])?;
+    let mut nginx = Nginx::start(&node.dir, &nginx_cert, &ca.pem_path)?;
+
+    let enterprise = node.dir.join("enterprise-ca");
+    let status = Command::new(tests::daemon::binary())
+        .args(["ca", "init", "--out"])
+        .arg(&enterprise)
+        .output()?;
+    anyhow::ensure!(status.status.success(), "ca init: {status:?}");
+    let daemon_args = [
+        "--worker-threads".to_owned(),
+        "1".to_owned(),
+        "--ca-cert".to_owned(),
+        enterprise.join("ca.crt").display().to_string(),
+        "--ca-key".to_owned(),
+        enterprise.join("ca.key").display().to_string(),
+        "--upstream-ca-bundle".to_owned(),
+        ca.pem_path.display().to_string(),
+    ];
+    let daemon_args: Vec<&str> = daemon_args.iter().map(String::as_str).collect();
+
+    let mut results: BTreeMap<(&str, u32, Path3), Sample> = BTreeMap::new();
+    let mut idle_rss_kb = 0;
+    let mut loaded_rss_kb = 0;
+    for path in [
+        Path3::Direct,
+        Path3::Intercepted,
+        Path3::Nginx,
+        Path3::Nginx,
+        Path3::Intercepted,
+        Path3::Direct,
+    ] {
+        let daemon = if path == Path3::Intercepted {
+            let daemon = Daemon::start(&node.dir, &policy("open"), true, &daemon_args)?;
+            std::thread::sleep(Duration::from_millis(300));
+            idle_rss_kb = idle_rss_kb.max(rss_kb(daemon.pid)?);
+            Some(daemon)
+        } else {
+            None
+        };
+        let cpu_pid = match path {
+            Path3::Direct => None,
+            Path3::Intercepted => daemon.as_ref().map(|d| d.pid),
+            Path3::Nginx => Some(nginx.worker_pid()?),
+        };
+        for (name, body) in WORKLOADS {
+            let script = node.dir.join(format!("{name}.lua"));
+            std::fs::write(&script, wrk_script(body))?;
+            for concurrency in CONCURRENCY {
+                let url = match path {
+                    Path3::Nginx => format!("https://nginx.local:{NGINX_PORT}/v1/chat/completions"),
+                    _ => "https://api.openai.com/v1/chat/completions".to_owned(),
+                };
+                let cpu_before = cpu_pid.map(cpu_time_us).transpose()?;
+                let result = wrk(&pod, &script, &url, concurrency, seconds)?;
+                let cpu_after = cpu_pid.map(cpu_time_us).transpose()?;
+                let sample = results.entry((name, concurrency, path)).or_default();
+                sample.requests_per_s.push(result.requests_per_s);
+                sample.p50_ms.push(result.p50_ms);
+                sample.p99_ms.push(result.p99_ms);
+                if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
+                    sample
+                        .cpu_us_per_request
+                        .push((after - before) as f64 / result.requests.max(1) as f64);
+                }
+            }
+        }
+        if let Some(daemon) = &daemon {
+            loaded_rss_kb = loaded_rss_kb.max(rss_kb(daemon.pid)?);
+        }
+        drop(daemon);
+    }
+    nginx.stop();
+
+    println!();
+    println!(
+        "bench proxy: wrk in a pod, {seconds}s per run, phases A B C C B A (A direct, B intercepted, C nginx)"
+    );
+    println!(
+        "{:<12} {:>4} {:<12} {:>10} {:>9} {:>9} {:>11} {:>11} {:>12}",
+        "workload", "conc", "path", "req/s", "p50 ms", "p99 ms", "+p50 ms", "+p99 ms", "cpu µs/req"
+    );
+    for (name, _) in WORKLOADS {
+        for concurrency in CONCURRENCY {
+            let direct = mean_of(&results, name, concurrency, Path3::Direct);
+            for path in [Path3::Direct, Path3::Intercepted, Path3::Nginx] {
+                let s = mean_of(&results, name, concurrency, path);
+                println!(
+                    "{name:<12} {concurrency:>4} {:<12} {:>10.0} {:>9.2} {:>9.2} {:>11.2} {:>11.2} {:>12}",
+                    format!("{path:?}").to_lowercase(),
+                    s.0,
+                    s.1,
+                    s.2,
+                    s.1 - direct.1,
+                    s.2 - direct.2,
+                    if s.3 > 0.0 {
+                        format!("{:.0}", s.3)
+                    } else {
+                        "-".into()
+                    }
+                );
+            }
+            let intercepted = mean_of(&results, name, concurrency, Path3::Intercepted);
+            let nginx = mean_of(&results, name, concurrency, Path3::Nginx);
+            println!(
+                "{:<12} {:>4} ratios: intercepted/nginx throughput x{:.2}, added p50 intercepted {:.2} ms vs nginx {:.2} ms, added p99 {:.2} vs {:.2} ms",
+                "",
+                "",
+                intercepted.0 / nginx.0.max(f64::MIN_POSITIVE),
+                intercepted.1 - direct.1,
+                nginx.1 - direct.1,
+                intercepted.2 - direct.2,
+                nginx.2 - direct.2,
+            );
+        }
+    }
+    println!(
+        "interceptor RSS: idle {:.1} MB, after load {:.1} MB (target idle <= 30 MB)",
+        idle_rss_kb as f64 / 1024.0,
+        loaded_rss_kb as f64 / 1024.0
+    );
+    Ok(())
+}
+
+fn mean_of(
+    results: &BTreeMap<(&str, u32, Path3), Sample>,
+    name: &str,
+    concurrency: u32,
+    path: Path3,
+) -> (f64, f64, f64, f64) {
+    let mean = |v: &[f64]| {
+        if v.is_empty() {
+            0.0
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    };
+    match results.get(&(name, concurrency, path)) {
+        Some(s) => (
+            mean(&s.requests_per_s),
+            mean(&s.p50_ms),
+            mean(&s.p99_ms),
+            mean(&s.cpu_us_per_request),
+        ),
+        None => (0.0, 0.0, 0.0, 0.0),
+    }
+}
+
+fn wrk_script(body: &str) -> String {
+    format!(
+        "wrk.method = \"POST\"\nwrk.body = '{body}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"Authorization\"] = \"Bearer sk-test\"\nwrk.headers[\"Host\"] = \"api.openai.com\"\n"
+    )
+}
+
+struct WrkResult {
+    requests: u64,
+    requests_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn wrk(
+    pod: &tests::node::Pod,
+    script: &Path,
+    url: &str,
+    concurrency: u32,
+    seconds: u32,
+) -> anyhow::Result<WrkResult> {
+    let args = [
+        "-t1".to_owned(),
+        format!("-c{concurrency}"),
+        format!("-d{seconds}s"),
+        "--latency".to_owned(),
+        "-s".to_owned(),
+        script.display().to_string(),
+        url.to_owned(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = pod.command("wrk", &args).output().context("running wrk")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success()
+        || text.contains("Non-2xx")
+        || text.contains("Socket errors") && !text.contains("connect 0, read 0, write 0, timeout 0")
+    {
+        bail!(
+            "wrk against {url} (c={concurrency}) failed or saw errors:\n{text}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let requests = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .context("no request count in wrk output")?;
+    let requests_per_s = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no Requests/sec in wrk output")?;
+    let percentile = |p: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(p).map(str::trim).map(str::to_owned))
+            .and_then(|v| parse_duration_ms(&v))
+            .with_context(|| format!("no {p} latency in wrk output"))
+    };
+    Ok(WrkResult {
+        requests,
+        requests_per_s,
+        p50_ms: percentile("50%")?,
+        p99_ms: percentile("99%")?,
+    })
+}
+
+/// wrk prints durations as `512.00us`, `1.23ms`, `2.00s`.
+fn parse_duration_ms(value: &str) -> Option<f64> {
+    let (number, factor) = if let Some(v) = value.strip_suffix("us") {
+        (v, 0.001)
+    } else if let Some(v) = value.strip_suffix("ms") {
+        (v, 1.0)
+    } else if let Some(v) = value.strip_suffix('m') {
+        (v, 60_000.0)
+    } else {
+        (value.strip_suffix('s')?, 1000.0)
+    };
+    number.parse::<f64>().ok().map(|n| n * factor)
+}
+
+fn cpu_time_us(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("stat format")?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    Ok(ticks * 1_000_000 / hz)
+}
+
+fn rss_kb(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")
+}
+
+/// Debian's nginx as a reference TLS hop: one worker, TLS to the provider with keep-alive.
+struct Nginx {
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl Nginx {
+    fn start(dir: &Path, cert: &tests::pki::ServerCert, public_ca: &Path) -> anyhow::Result<Self> {
+        let dir = dir.join("nginx");
+        std::fs::create_dir_all(dir.join("tmp"))?;
+        std::fs::write(dir.join("cert.pem"), &cert.cert_pem)?;
+        std::fs::write(dir.join("key.pem"), &cert.key_pem)?;
+        let conf = format!(
+            "user root;\nworker_processes 1;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log stderr warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n access_log off;\n client_body_temp_path {dir}/tmp/body;\n proxy_temp_path {dir}/tmp/proxy;\n\
+             fastcgi_temp_path {dir}/tmp/fastcgi;\n uwsgi_temp_path {dir}/tmp/uwsgi;\n scgi_temp_path {dir}/tmp/scgi;\n\
+             upstream provider {{ server {PROVIDER_V4}:443; keepalive 64; }}\n\
+             server {{\n  listen {NODE_V4}:{NGINX_PORT} ssl;\n  ssl_certificate {dir}/cert.pem;\n  ssl_certificate_key {dir}/key.pem;\n\
+             location / {{\n   proxy_pass https://provider;\n   proxy_http_version 1.1;\n   proxy_set_header Connection \"\";\n\
+             proxy_set_header Host api.openai.com;\n   proxy_ssl_server_name on;\n   proxy_ssl_name api.openai.com;\n\
+             proxy_ssl_verify on;\n   proxy_ssl_trusted_certificate {ca};\n   proxy_ssl_session_reuse on;\n   proxy_buffering off;\n  }}\n }}\n}}\n",
+            dir = dir.display(),
+            ca = public_ca.display(),
+        );
+        std::fs::write(dir.join("nginx.conf"), conf)?;
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting nginx")?;
+        let nginx = Self { child, dir };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect((NODE_V4, NGINX_PORT)).is_ok() {
+                return Ok(nginx);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("nginx did not start listening on {NODE_V4}:{NGINX_PORT}")
+    }
+
+    fn worker_pid(&self) -> anyhow::Result<u32> {
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.child.id()))?;
+        children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .context("no nginx worker")
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
