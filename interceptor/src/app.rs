@@ -74,7 +74,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     };
     let admin_listener = match config.metrics_addr.0 {
         Some(addr) => Some(
-            admin::bind(addr)
+            tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding the admin endpoint {addr}"))?,
         ),

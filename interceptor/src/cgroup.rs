@@ -102,10 +102,6 @@ impl CgroupNames {
         }
     }
 
-    /// The cgroup2 mount this resolver works on.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
 
     /// The path of cgroup `id`, using the process `tgid` as a hint (its `/proc/<tgid>/cgroup`).
     pub fn name(&self, id: u64, tgid: u32) -> Option<String> {

@@ -494,10 +494,3 @@ pub async fn forward_logs(
         guard.clear_ready();
     }
 }
-
-/// Opens the cgroup directory to check it can be used before anything is loaded.
-pub fn check_cgroup(path: &Path) -> Result<(), EbpfError> {
-    File::open(path)
-        .map(|_| ())
-        .map_err(|e| EbpfError::Cgroup(path.to_owned(), e))
-}

@@ -25,8 +25,3 @@ pub fn netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
         Err(io::Error::last_os_error())
     }
 }
-
-/// The number of possible CPUs, as per-CPU maps are sized.
-pub fn possible_cpus() -> io::Result<usize> {
-    aya::util::nr_cpus().map_err(|(_, e)| e)
-}

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tests::node::{NODE_V4, OTHER_V4, PROVIDER_V4, PROVIDER_V6, cgroup_id};
+use tests::node::{OTHER_V4, PROVIDER_V4, PROVIDER_V6, cgroup_id};
 use tests::scenario::{RELAY_HOST, SINK_PORT, Scenario, policy};
 
 /// A name served on the provider's target address that is not a provider domain: its TLS is relayed
@@ -140,7 +140,7 @@ async fn host_and_pod_connections_are_redirected_and_attributed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_target_connections_are_not_redirected() {
-    let Some(mut s) = scenario("non_target_connections_are_not_redirected", "open") else {
+    let Some(s) = scenario("non_target_connections_are_not_redirected", "open") else {
         return;
     };
     let resolve = format!("other.example.com:443:{OTHER_V4}");
@@ -175,7 +175,6 @@ async fn non_target_connections_are_not_redirected() {
             .any(|p| p.peer.ip().to_string() == s.pod.v4.to_string()),
         "{seen:?}"
     );
-    let _ = &mut s;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,5 +419,4 @@ async fn no_map_entry_is_left_after_10000_short_connections() {
             .load(std::sync::atomic::Ordering::Relaxed),
         CONNECTIONS
     );
-    let _ = NODE_V4;
 }
