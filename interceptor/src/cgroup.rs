@@ -102,7 +102,6 @@ impl CgroupNames {
         }
     }
 
-
     /// The path of cgroup `id`, using the process `tgid` as a hint (its `/proc/<tgid>/cgroup`).
     pub fn name(&self, id: u64, tgid: u32) -> Option<String> {
         if let Some(name) = self.cache.lock().ok().and_then(|c| c.get(&id).cloned()) {

@@ -207,9 +207,9 @@ async fn terminate(
     };
     let http_ctx = Arc::new(HttpContext {
         original_dst: conn.facts.original_dst,
-        conn,
+        client: ctx.upstream.client(conn.facts.original_dst, offered_h2),
         upstream: ctx.upstream.clone(),
-        client_offered_h2: offered_h2,
+        conn,
         metrics: ctx.metrics.clone(),
     });
     tokio::select! {

@@ -16,7 +16,9 @@ use tracing::{debug, warn};
 
 use super::ProxyMetrics;
 use super::exchange::{ConnInfo, Direction, Exchange, Metered};
-use crate::tls::upstream::Upstream;
+use hyper_util::client::legacy::Client;
+
+use crate::tls::upstream::{Connector, Upstream};
 
 /// Request bodies sent upstream.
 pub type UpstreamBody = Metered<Incoming>;
@@ -28,8 +30,9 @@ pub struct HttpContext {
     pub conn: Arc<ConnInfo>,
     pub upstream: Arc<Upstream<UpstreamBody>>,
     pub original_dst: SocketAddr,
-    /// The client offered HTTP/2 (so may the upstream connection).
-    pub client_offered_h2: bool,
+    /// The pooled client to the original destination, offering HTTP/2 only if the client did. Looked up
+    /// once per connection, not per request.
+    pub client: Client<Connector, UpstreamBody>,
     pub metrics: ProxyMetrics,
 }
 
@@ -83,10 +86,15 @@ async fn handle(mut request: Request<Incoming>, ctx: &HttpContext) -> Response<C
     parts.version = Version::HTTP_11;
     let upstream_request = Request::from_parts(parts, Metered::new(body, exchange.clone(), Direction::Up));
     // WebSocket upgrades need HTTP/1.1 upstream.
-    let client = ctx
-        .upstream
-        .client(ctx.original_dst, ctx.client_offered_h2 && !websocket);
-    let mut response = match client.request(upstream_request).await {
+    let response = if websocket {
+        ctx.upstream
+            .client(ctx.original_dst, false)
+            .request(upstream_request)
+            .await
+    } else {
+        ctx.client.request(upstream_request).await
+    };
+    let mut response = match response {
         Ok(response) => response,
         Err(e) => {
             let message = format!("upstream {}: {}", ctx.original_dst, error_chain(&e));
