@@ -157,6 +157,14 @@ impl Daemon {
         self.stderr.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// Waits for the `connection closed` line of the connection made by process `pid`.
+    pub fn connection_line(&mut self, pid: u32) -> anyhow::Result<Value> {
+        self.wait_log(Duration::from_secs(10), |l| {
+            l["message"] == "connection closed" && l["tgid"] == pid
+        })
+        .with_context(|| format!("no connection line for pid {pid}"))
+    }
+
     /// The `connection closed` lines.
     pub fn connection_lines(&self) -> Vec<Value> {
         self.logs()

@@ -25,11 +25,7 @@ fn scenario(test: &str, failure_mode: &str) -> Option<Scenario> {
 
 /// The `connection closed` log line of the connection made by process `pid`.
 fn connection_of(s: &mut Scenario, pid: u32) -> Value {
-    s.daemon
-        .wait_log(Duration::from_secs(10), |l| {
-            l["message"] == "connection closed" && l["tgid"] == pid
-        })
-        .unwrap_or_else(|e| panic!("no connection line for pid {pid}: {e:#}"))
+    s.daemon.connection_line(pid).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn peer_ip(body: &Value) -> String {

@@ -40,6 +40,19 @@ fn wait_request_lines(s: &mut Scenario, path: &str, count: usize) -> Vec<Value> 
     }
 }
 
+/// A TLS connection (SNI api.openai.com, trusting the enterprise CA) from this process to the provider's
+/// target address, hence through the interceptor.
+async fn tls_to_provider(s: &Scenario) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(SocketAddr::new(PROVIDER_V4.into(), 443))
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
+    tokio_rustls::TlsConnector::from(client_config(s))
+        .connect(name, tcp)
+        .await
+        .expect("TLS with the minted leaf")
+}
+
 /// A rustls client trusting the enterprise CA.
 fn client_config(s: &Scenario) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
@@ -171,9 +184,7 @@ async fn a_client_that_does_not_trust_the_ca_fails_cleanly() {
     );
     let line = s
         .daemon
-        .wait_log(Duration::from_secs(10), |l| {
-            l["message"] == "connection closed" && l["tgid"] == untrusting.pid
-        })
+        .connection_line(untrusting.pid)
         .expect("one line with the attribution");
     assert_eq!(line["mode"], "client_rejected_certificate", "{line}");
     assert_eq!(line["comm"], "curl", "{line}");
@@ -242,15 +253,7 @@ async fn websocket_echo_works_through_the_interceptor() {
     let Some(mut s) = scenario("websocket_echo_works_through_the_interceptor") else {
         return;
     };
-    let config = client_config(&s);
-    let tcp = tokio::net::TcpStream::connect(SocketAddr::new(PROVIDER_V4.into(), 443))
-        .await
-        .expect("connect");
-    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
-        .await
-        .expect("TLS with the minted leaf");
+    let tls = tls_to_provider(&s).await;
     let (mut ws, response) = tokio_tungstenite::client_async("wss://api.openai.com/ws", tls)
         .await
         .expect("websocket handshake");
@@ -292,13 +295,7 @@ async fn bad_input_is_handled_and_the_daemon_keeps_serving() {
     drop(garbage);
 
     // A truncated HTTP request on a terminated connection.
-    let config = client_config(&s);
-    let tcp = tokio::net::TcpStream::connect(target).await.expect("connect");
-    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
-    let mut tls = tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
-        .await
-        .expect("TLS");
+    let mut tls = tls_to_provider(&s).await;
     tokio::io::AsyncWriteExt::write_all(
         &mut tls,
         b"POST /echo-size HTTP/1.1\r\nHost: api.openai.com\r\nContent-Length: 100\r\n\r\n{\"partial",
@@ -378,12 +375,7 @@ async fn bypassed_processes_are_relayed_untouched() {
         "a bypassed client sees the provider's own certificate: {}",
         pinned.describe()
     );
-    let line = s
-        .daemon
-        .wait_log(Duration::from_secs(10), |l| {
-            l["message"] == "connection closed" && l["tgid"] == pinned.pid
-        })
-        .expect("connection line");
+    let line = s.daemon.connection_line(pinned.pid).expect("connection line");
     assert_eq!(line["mode"], "passthrough_bypassed", "{line}");
     // The selector is specific: the same client in the host cgroup is intercepted.
     let resolve = format!("api.openai.com:443:{PROVIDER_V4}");
