@@ -1,0 +1,121 @@
+//! What a request body says (model, stream, whether the client asked for stream usage), and the
+//! one rewrite the interceptor may make: asking OpenAI-style streams to include usage.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+/// The facts of a JSON request body the accounting needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestFacts {
+    pub model: Option<String>,
+    pub stream: bool,
+    /// `stream_options.include_usage` as the client sent it.
+    pub include_usage: bool,
+    /// `stream_options` is present (with or without `include_usage`).
+    pub has_stream_options: bool,
+}
+
+#[derive(Deserialize)]
+struct Probe<'a> {
+    #[serde(borrow)]
+    model: Option<Cow<'a, str>>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+/// Reads the facts of a JSON request body.
+pub fn probe(body: &[u8]) -> Result<RequestFacts, serde_json::Error> {
+    let probe: Probe<'_> = serde_json::from_slice(body)?;
+    Ok(RequestFacts {
+        model: probe.model.map(Cow::into_owned),
+        stream: probe.stream.unwrap_or(false),
+        include_usage: probe
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+        has_stream_options: probe.stream_options.is_some(),
+    })
+}
+
+/// The body with `stream_options.include_usage` set to true. Without `stream_options` the member
+/// is inserted after the opening brace, leaving every other byte as the client sent it.
+pub fn inject_include_usage(body: &[u8], facts: &RequestFacts) -> Result<Vec<u8>, serde_json::Error> {
+    const MEMBER: &[u8] = br#""stream_options":{"include_usage":true},"#;
+    // A `"stream_options"` anywhere (even `null`, or a nested key) takes the parse-and-rewrite path.
+    if !facts.has_stream_options
+        && memchr::memmem::find(body, b"\"stream_options\"").is_none()
+        && let Some(brace) = body.iter().position(|b| !b.is_ascii_whitespace())
+        && body[brace] == b'{'
+    {
+        let mut out = Vec::with_capacity(body.len() + MEMBER.len());
+        out.extend_from_slice(&body[..=brace]);
+        out.extend_from_slice(MEMBER);
+        out.extend_from_slice(&body[brace + 1..]);
+        return Ok(out);
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(body)?;
+    if let Some(object) = value.as_object_mut() {
+        let options = object
+            .entry("stream_options")
+            .or_insert_with(|| serde_json::Value::Object(Default::default()));
+        if !options.is_object() {
+            *options = serde_json::Value::Object(Default::default());
+        }
+        if let Some(options) = options.as_object_mut() {
+            options.insert("include_usage".into(), serde_json::Value::Bool(true));
+        }
+    }
+    serde_json::to_vec(&value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_model_stream_and_options() {
+        let facts = probe(br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"stream":true}"#)
+            .expect("probe");
+        assert_eq!(facts.model.as_deref(), Some("gpt-4o"));
+        assert!(facts.stream && !facts.include_usage && !facts.has_stream_options);
+        let facts =
+            probe(br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#).expect("probe");
+        assert!(facts.include_usage);
+        assert!(probe(b"{\"model\": 3}").is_err());
+        assert!(probe(b"not json").is_err());
+    }
+
+    #[test]
+    fn injection_keeps_the_rest_byte_for_byte() {
+        let body = br#"  {"model":"gpt-4o","stream":true}"#;
+        let facts = probe(body).expect("probe");
+        let out = inject_include_usage(body, &facts).expect("inject");
+        assert_eq!(
+            out,
+            br#"  {"stream_options":{"include_usage":true},"model":"gpt-4o","stream":true}"#
+        );
+        let again = probe(&out).expect("probe");
+        assert!(again.include_usage && again.stream);
+    }
+
+    #[test]
+    fn injection_overrides_an_explicit_false() {
+        let body = br#"{"model":"m","stream":true,"stream_options":{"include_usage":false,"x":1}}"#;
+        let facts = probe(body).expect("probe");
+        let out = inject_include_usage(body, &facts).expect("inject");
+        let value: serde_json::Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(value["stream_options"]["include_usage"], true);
+        assert_eq!(value["stream_options"]["x"], 1);
+        assert_eq!(value["model"], "m");
+        let body = br#"{"model":"m","stream":true,"stream_options":null}"#;
+        let out = inject_include_usage(body, &probe(body).expect("probe")).expect("inject");
+        assert!(probe(&out).expect("probe").include_usage);
+    }
+}

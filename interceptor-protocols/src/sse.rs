@@ -1,0 +1,259 @@
+//! Incremental Server-Sent Events parser (the WHATWG `text/event-stream` rules) that accepts chunks
+//! split at any byte and keeps at most one event in memory.
+//!
+//! Lines end with CRLF, LF or CR; `event:` names the event, `data:` lines are joined with `\n`, a
+//! blank line dispatches, lines starting with `:` are comments. An event whose data would exceed the
+//! configured limit is dropped (and counted) instead of growing the buffer.
+
+use memchr::memchr2;
+
+/// One dispatched event. `event` is `message` when the stream named none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SseEvent<'a> {
+    pub event: &'a str,
+    pub data: &'a [u8],
+}
+
+/// Parser state carried across chunks.
+#[derive(Debug)]
+pub struct SseParser {
+    /// An incomplete line from the previous chunk.
+    line: Vec<u8>,
+    event: Vec<u8>,
+    data: Vec<u8>,
+    has_data: bool,
+    /// The previous chunk ended with CR: an LF at the start of the next one belongs to it.
+    after_cr: bool,
+    /// The current event went over the limit and is being skipped up to its blank line.
+    oversized: bool,
+    /// The rest of an over-long line is being skipped up to its line end.
+    skipping_line: bool,
+    max_event_bytes: usize,
+    events: u64,
+    oversized_events: u64,
+}
+
+/// What was left when the stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SseSummary {
+    pub events: u64,
+    pub oversized_events: u64,
+    /// The stream ended inside an event (no blank line after its last field): it was not dispatched.
+    pub truncated: bool,
+}
+
+impl SseParser {
+    /// A parser that drops events with more than `max_event_bytes` of data.
+    pub fn new(max_event_bytes: usize) -> Self {
+        Self {
+            line: Vec::new(),
+            event: Vec::new(),
+            data: Vec::new(),
+            has_data: false,
+            after_cr: false,
+            oversized: false,
+            skipping_line: false,
+            max_event_bytes,
+            events: 0,
+            oversized_events: 0,
+        }
+    }
+
+    /// Feeds a chunk; `on_event` is called for each event completed by it.
+    pub fn feed(&mut self, mut chunk: &[u8], mut on_event: impl FnMut(SseEvent<'_>)) {
+        if chunk.is_empty() {
+            return;
+        }
+        if self.after_cr {
+            self.after_cr = false;
+            if let [b'\n', rest @ ..] = chunk {
+                chunk = rest;
+            }
+        }
+        while let Some(end) = memchr2(b'\n', b'\r', chunk) {
+            let (line, rest) = chunk.split_at(end);
+            chunk = match rest {
+                [b'\r', b'\n', rest @ ..] => rest,
+                [b'\r'] => {
+                    self.after_cr = true;
+                    &[]
+                }
+                [_, rest @ ..] => rest,
+                [] => &[],
+            };
+            if self.skipping_line {
+                self.skipping_line = false;
+            } else if self.line.is_empty() {
+                self.process_line(line, &mut on_event);
+            } else {
+                let mut joined = std::mem::take(&mut self.line);
+                joined.extend_from_slice(line);
+                self.process_line(&joined, &mut on_event);
+                joined.clear();
+                self.line = joined;
+            }
+        }
+        if !chunk.is_empty() && !self.skipping_line {
+            if self.line.len() + chunk.len() > self.max_event_bytes {
+                // A single line longer than any event we keep: drop it, and the event it belongs to.
+                self.mark_oversized();
+                self.line.clear();
+                self.skipping_line = true;
+            } else {
+                self.line.extend_from_slice(chunk);
+            }
+        }
+    }
+
+    /// Ends the stream. An event without its terminating blank line is not dispatched (as in the
+    /// EventSource rules) and is reported as truncation.
+    pub fn finish(&mut self) -> SseSummary {
+        let truncated = !self.line.is_empty()
+            || self.has_data
+            || !self.event.is_empty()
+            || self.oversized
+            || self.skipping_line;
+        SseSummary {
+            events: self.events,
+            oversized_events: self.oversized_events,
+            truncated,
+        }
+    }
+
+    fn mark_oversized(&mut self) {
+        if !self.oversized {
+            self.oversized = true;
+            self.oversized_events += 1;
+        }
+        self.data.clear();
+    }
+
+    fn process_line(&mut self, line: &[u8], on_event: &mut impl FnMut(SseEvent<'_>)) {
+        if line.is_empty() {
+            self.dispatch(on_event);
+            return;
+        }
+        if line[0] == b':' {
+            return;
+        }
+        let (field, value) = match memchr::memchr(b':', line) {
+            Some(colon) => {
+                let value = &line[colon + 1..];
+                (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+            }
+            None => (line, &b""[..]),
+        };
+        match field {
+            b"data" => {
+                if self.oversized {
+                    return;
+                }
+                let separator = usize::from(self.has_data);
+                if self.data.len() + separator + value.len() > self.max_event_bytes {
+                    self.mark_oversized();
+                    return;
+                }
+                if self.has_data {
+                    self.data.push(b'\n');
+                }
+                self.data.extend_from_slice(value);
+                self.has_data = true;
+            }
+            b"event" => {
+                self.event.clear();
+                self.event.extend_from_slice(&value[..value.len().min(256)]);
+            }
+            _ => {}
+        }
+    }
+
+    fn dispatch(&mut self, on_event: &mut impl FnMut(SseEvent<'_>)) {
+        if self.oversized {
+            self.oversized = false;
+        } else if self.has_data {
+            self.events += 1;
+            let event = match std::str::from_utf8(&self.event) {
+                Ok("") | Err(_) => "message",
+                Ok(name) => name,
+            };
+            on_event(SseEvent {
+                event,
+                data: &self.data,
+            });
+        }
+        self.event.clear();
+        self.data.clear();
+        self.has_data = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collect(chunks: &[&[u8]], max: usize) -> (Vec<(String, String)>, SseSummary) {
+        let mut parser = SseParser::new(max);
+        let mut events = Vec::new();
+        for chunk in chunks {
+            parser.feed(chunk, |e| {
+                events.push((e.event.to_owned(), String::from_utf8_lossy(e.data).into_owned()));
+            });
+        }
+        (events, parser.finish())
+    }
+
+    #[test]
+    fn parses_fields_comments_and_line_endings() {
+        let stream = b": keep-alive\r\nevent: ping\r\ndata: {}\r\n\r\ndata: a\rdata:b\r\rdata: c\n\n";
+        let (events, summary) = collect(&[stream], 1024);
+        assert_eq!(
+            events,
+            vec![
+                ("ping".into(), "{}".into()),
+                ("message".into(), "a\nb".into()),
+                ("message".into(), "c".into())
+            ]
+        );
+        assert_eq!(summary.events, 3);
+        assert!(!summary.truncated);
+    }
+
+    #[test]
+    fn every_split_point_gives_the_same_events() {
+        let stream: &[u8] = b"event: x\r\ndata: one\r\n\r\ndata: two\rdata: three\r\r: c\n\ndata: four\n\n";
+        let (expected, _) = collect(&[stream], 1024);
+        for a in 0..=stream.len() {
+            for b in a..=stream.len() {
+                let (events, summary) = collect(&[&stream[..a], &stream[a..b], &stream[b..]], 1024);
+                assert_eq!(events, expected, "split at {a},{b}");
+                assert!(!summary.truncated);
+            }
+        }
+    }
+
+    #[test]
+    fn events_without_data_are_not_dispatched_and_eof_truncation_is_reported() {
+        let (events, summary) = collect(&[b"event: only-name\n\ndata: partial"], 1024);
+        assert!(events.is_empty());
+        assert!(summary.truncated);
+    }
+
+    #[test]
+    fn oversized_events_are_dropped_and_counted_without_growing() {
+        let big = format!("data: {}\n\ndata: small\n\n", "x".repeat(100));
+        let (events, summary) = collect(&[big.as_bytes()], 50);
+        assert_eq!(events, vec![("message".into(), "small".into())]);
+        assert_eq!(summary.oversized_events, 1);
+        // The same with the long line spread over many chunks.
+        for size in 1..big.len() {
+            let chunks: Vec<&[u8]> = big.as_bytes().chunks(size).collect();
+            let (events, summary) = collect(&chunks, 50);
+            assert_eq!(
+                events,
+                vec![("message".into(), "small".into())],
+                "chunks of {size}"
+            );
+            assert_eq!(summary.oversized_events, 1);
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! Reads chosen top-level members of a JSON object streamed in chunks, without keeping the rest:
+//! a 100 MB embeddings response costs the same memory as a 1 kB one. The captured members are
+//! rebuilt into a small object for the adapters' typed parsers.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Start,
+    /// After `{` or `,`: a member name or `}`.
+    ExpectKey,
+    Key {
+        escaped: bool,
+    },
+    ExpectColon,
+    ExpectValue,
+    Value(Value),
+    /// After a member: `,` or `}`.
+    ExpectComma,
+    End,
+    Malformed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Value {
+    String {
+        escaped: bool,
+    },
+    Scalar,
+    Container {
+        depth: u32,
+        in_string: bool,
+        escaped: bool,
+    },
+}
+
+/// Scanner state carried across chunks.
+#[derive(Debug)]
+pub struct TopLevelFields {
+    wanted: &'static [&'static str],
+    max_value_bytes: usize,
+    state: State,
+    key: Vec<u8>,
+    /// The wanted member whose value is being read.
+    capturing: Option<usize>,
+    value: Vec<u8>,
+    value_too_large: bool,
+    /// The rebuilt object, without its closing brace.
+    captured: Vec<u8>,
+    dropped_values: u32,
+}
+
+/// The result of a scan.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fields {
+    /// A JSON object holding the wanted members that were present.
+    Object(Vec<u8>),
+    /// The body was not one complete JSON object.
+    Malformed,
+}
+
+impl TopLevelFields {
+    pub fn new(wanted: &'static [&'static str], max_value_bytes: usize) -> Self {
+        Self {
+            wanted,
+            max_value_bytes,
+            state: State::Start,
+            key: Vec::new(),
+            capturing: None,
+            value: Vec::new(),
+            value_too_large: false,
+            captured: b"{".to_vec(),
+            dropped_values: 0,
+        }
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) {
+        let mut i = 0;
+        while i < chunk.len() {
+            let byte = chunk[i];
+            match self.state {
+                State::Malformed | State::End if byte.is_ascii_whitespace() => {}
+                State::Malformed => return,
+                State::End => self.state = State::Malformed,
+                State::Value(value) => {
+                    // Fast path: skip the bytes of values nobody wants in bulk.
+                    let consumed = self.value_bytes(value, &chunk[i..]);
+                    i += consumed;
+                    continue;
+                }
+                _ if byte.is_ascii_whitespace() => {}
+                State::Start => self.expect(byte == b'{', State::ExpectKey),
+                State::ExpectKey => match byte {
+                    b'"' => {
+                        self.key.clear();
+                        self.state = State::Key { escaped: false };
+                    }
+                    b'}' => self.state = State::End,
+                    _ => self.state = State::Malformed,
+                },
+                State::Key { escaped } => {
+                    if escaped {
+                        self.state = State::Key { escaped: false };
+                    } else if byte == b'\\' {
+                        self.state = State::Key { escaped: true };
+                    } else if byte == b'"' {
+                        self.state = State::ExpectColon;
+                    }
+                    if self.key.len() < 64 {
+                        self.key.push(byte);
+                    }
+                }
+                State::ExpectColon => self.expect(byte == b':', State::ExpectValue),
+                State::ExpectValue => {
+                    // The key was collected with its closing quote.
+                    self.key.pop();
+                    self.capturing = self
+                        .wanted
+                        .iter()
+                        .position(|w| w.as_bytes() == self.key.as_slice());
+                    self.value.clear();
+                    self.value_too_large = false;
+                    self.state = State::Value(match byte {
+                        b'"' => Value::String { escaped: false },
+                        b'{' | b'[' => Value::Container {
+                            depth: 1,
+                            in_string: false,
+                            escaped: false,
+                        },
+                        _ => Value::Scalar,
+                    });
+                    self.keep(&[byte]);
+                }
+                State::ExpectComma => match byte {
+                    b',' => self.state = State::ExpectKey,
+                    b'}' => self.state = State::End,
+                    _ => self.state = State::Malformed,
+                },
+            }
+            i += 1;
+        }
+    }
+
+    pub fn finish(mut self) -> Fields {
+        if let State::Value(Value::Scalar) = self.state {
+            self.end_value();
+            self.state = State::End;
+        }
+        if self.state != State::End {
+            return Fields::Malformed;
+        }
+        self.captured.push(b'}');
+        Fields::Object(self.captured)
+    }
+
+    /// How many wanted values were dropped for being larger than the limit.
+    pub fn dropped_values(&self) -> u32 {
+        self.dropped_values
+    }
+
+    fn expect(&mut self, ok: bool, next: State) {
+        self.state = if ok { next } else { State::Malformed };
+    }
+
+    /// Consumes bytes of the current value; returns how many (the value's end byte included, but not
+    /// the byte that ends a scalar).
+    fn value_bytes(&mut self, mut value: Value, input: &[u8]) -> usize {
+        let mut end = None;
+        for (i, &byte) in input.iter().enumerate() {
+            match &mut value {
+                Value::String { escaped } => {
+                    if *escaped {
+                        *escaped = false;
+                    } else if byte == b'\\' {
+                        *escaped = true;
+                    } else if byte == b'"' {
+                        end = Some(i + 1);
+                        break;
+                    }
+                }
+                Value::Scalar => {
+                    if matches!(byte, b',' | b'}' | b']') || byte.is_ascii_whitespace() {
+                        end = Some(i);
+                        break;
+                    }
+                }
+                Value::Container {
+                    depth,
+                    in_string,
+                    escaped,
+                } => {
+                    if *in_string {
+                        if *escaped {
+                            *escaped = false;
+                        } else if byte == b'\\' {
+                            *escaped = true;
+                        } else if byte == b'"' {
+                            *in_string = false;
+                        }
+                    } else {
+                        match byte {
+                            b'"' => *in_string = true,
+                            b'{' | b'[' => *depth += 1,
+                            b'}' | b']' => {
+                                *depth -= 1;
+                                if *depth == 0 {
+                                    end = Some(i + 1);
+                                    break;
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+        match end {
+            Some(consumed) => {
+                self.keep(&input[..consumed]);
+                self.end_value();
+                self.state = State::ExpectComma;
+                consumed
+            }
+            None => {
+                self.keep(input);
+                self.state = State::Value(value);
+                input.len()
+            }
+        }
+    }
+
+    fn keep(&mut self, bytes: &[u8]) {
+        if self.capturing.is_none() || self.value_too_large {
+            return;
+        }
+        if self.value.len() + bytes.len() > self.max_value_bytes {
+            self.value_too_large = true;
+            self.dropped_values += 1;
+            self.value = Vec::new();
+            return;
+        }
+        self.value.extend_from_slice(bytes);
+    }
+
+    fn end_value(&mut self) {
+        if let Some(index) = self.capturing.take()
+            && !self.value_too_large
+        {
+            if self.captured.len() > 1 {
+                self.captured.push(b',');
+            }
+            self.captured.push(b'"');
+            self.captured.extend_from_slice(self.wanted[index].as_bytes());
+            self.captured.extend_from_slice(b"\":");
+            self.captured.extend_from_slice(&self.value);
+        }
+        self.value.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WANTED: &[&str] = &["model", "usage", "id"];
+
+    fn scan(chunks: &[&[u8]], max: usize) -> Fields {
+        let mut scanner = TopLevelFields::new(WANTED, max);
+        for chunk in chunks {
+            scanner.feed(chunk);
+        }
+        scanner.finish()
+    }
+
+    #[test]
+    fn keeps_only_wanted_members_at_every_split() {
+        let body: &[u8] = br#" {"object":"list","data":[{"embedding":[0.1,-2e-3],"x":"}\"usage"}],"model" : "text-embedding-3-small","n":12,"usage":{"prompt_tokens":8,"total_tokens":8},"id":"e\"1"} "#;
+        let expected =
+            br#"{"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8},"id":"e\"1"}"#;
+        for a in 0..=body.len() {
+            for b in a..=body.len() {
+                let fields = scan(&[&body[..a], &body[a..b], &body[b..]], 1024);
+                assert_eq!(fields, Fields::Object(expected.to_vec()), "split {a},{b}");
+            }
+        }
+    }
+
+    #[test]
+    fn scalar_members_and_a_scalar_last_member() {
+        assert_eq!(
+            scan(&[br#"{"a":true,"id":12}"#], 64),
+            Fields::Object(br#"{"id":12}"#.to_vec())
+        );
+        assert_eq!(scan(&[br#"{}"#], 64), Fields::Object(b"{}".to_vec()));
+    }
+
+    #[test]
+    fn oversized_values_are_dropped_and_garbage_is_malformed() {
+        let mut scanner = TopLevelFields::new(WANTED, 8);
+        scanner.feed(br#"{"model":"a-very-long-model-name","id":"x"}"#);
+        assert_eq!(scanner.dropped_values(), 1);
+        assert_eq!(scanner.finish(), Fields::Object(br#"{"id":"x"}"#.to_vec()));
+        assert_eq!(scan(&[b"[1,2]"], 64), Fields::Malformed);
+        assert_eq!(scan(&[br#"{"id":"x""#], 64), Fields::Malformed);
+        assert_eq!(scan(&[br#"{"id":"x"} trailing"#], 64), Fields::Malformed);
+        assert_eq!(scan(&[b"<html>"], 64), Fields::Malformed);
+        assert_eq!(scan(&[b""], 64), Fields::Malformed);
+    }
+}
