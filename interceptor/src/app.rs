@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::accounting::{AccountingMetrics, AccountingSettings};
 use crate::admin::{self, Readiness};
 use crate::cgroup::{self, CgroupNames};
 use crate::config::Config;
@@ -18,7 +19,7 @@ use crate::ebpf::{AttachOptions, RedirectTarget, Redirector};
 use crate::identity::Enricher;
 use crate::metrics::{self, EbpfCollector};
 use crate::policy::{FailureMode, Policy};
-use crate::proxy::{self, ProxyContext, ProxyMetrics};
+use crate::proxy::{self, ProviderRoute, ProxyContext, ProxyMetrics};
 use crate::targets::{TargetDiscovery, TargetMetrics};
 use crate::tls::ca::{self, EnterpriseCa};
 use crate::tls::leaf::{LeafCerts, LeafMetrics};
@@ -84,6 +85,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
 
     let registry = metrics::registry()?;
     let proxy_metrics = ProxyMetrics::register(&registry)?;
+    let accounting_metrics = AccountingMetrics::register(&registry)?;
     let target_metrics = TargetMetrics::register(&registry)?;
     let readiness = Arc::new(Readiness::default());
     let leaf_metrics = LeafMetrics::register(&registry)?;
@@ -130,7 +132,22 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         ));
     }
 
-    let provider_domains = policy.provider_targets().into_iter().map(|t| t.domain).collect();
+    let providers = policy
+        .provider_targets()
+        .into_iter()
+        .map(|t| ProviderRoute {
+            pattern: t.domain,
+            adapter: t.adapter,
+            name: Arc::from(t.name),
+        })
+        .collect();
+    let accounting = Arc::new(AccountingSettings::from_policy(&policy, accounting_metrics)?);
+    info!(
+        prices_source_date = accounting.prices.source_date(),
+        priced_models = accounting.prices.model_count(),
+        stream_usage = ?accounting.stream_usage,
+        "price table loaded"
+    );
     let ctx = Arc::new(ProxyContext {
         attribution,
         enricher: Arc::new(Enricher::new(CgroupNames::new(cgroup_root.clone()))),
@@ -138,7 +155,8 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         upstream_connect_timeout: config.upstream_connect_timeout,
         hello_timeout: config.handshake_timeout,
         first_byte_timeout: config.first_byte_timeout,
-        provider_domains,
+        providers,
+        accounting,
         bypass: policy.bypass_matchers(),
         leaves: Arc::new(LeafCerts::new(
             ca.clone(),

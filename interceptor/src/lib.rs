@@ -2,6 +2,7 @@
 //! proxy that relays them. `main.rs` is a thin CLI over [`app::build`].
 #![deny(unsafe_code)]
 
+pub mod accounting;
 pub mod admin;
 pub mod app;
 pub mod cgroup;

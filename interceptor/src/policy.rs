@@ -8,7 +8,10 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+use interceptor_protocols::pricing::ProviderPricesSpec;
+use serde::Deserialize;
 
 use crate::providers::{self, Adapter};
 
@@ -35,7 +38,7 @@ pub enum PolicyError {
 }
 
 /// The policy document.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Policy {
     /// Format version; must be `interceptor.dev/v1alpha1`.
@@ -54,10 +57,63 @@ pub struct Policy {
     /// How provider addresses are discovered.
     #[serde(default)]
     pub discovery: Discovery,
+    /// Token and cost accounting.
+    #[serde(default)]
+    pub accounting: Accounting,
+    /// Price overrides and additions, by provider name (same shape as the built-in price table).
+    #[serde(default)]
+    pub pricing: HashMap<String, ProviderPricesSpec>,
+}
+
+/// Token and cost accounting settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Accounting {
+    /// OpenAI-style streams whose client did not ask for usage.
+    #[serde(default)]
+    pub stream_usage: StreamUsage,
+    /// Largest request body read to learn the model and the stream flag (and to inject the usage
+    /// option). Larger bodies stream through unread; their model comes from the response.
+    #[serde(default = "default_max_request_body")]
+    pub max_request_body_bytes: u64,
+    /// Memory all request bodies being read may use together; beyond it requests stream through
+    /// unread (counted in `interceptor_request_bodies_unread_total`).
+    #[serde(default = "default_request_buffer_budget")]
+    pub request_buffer_budget_bytes: u64,
+}
+
+impl Default for Accounting {
+    fn default() -> Self {
+        Self {
+            stream_usage: StreamUsage::default(),
+            max_request_body_bytes: default_max_request_body(),
+            request_buffer_budget_bytes: default_request_buffer_budget(),
+        }
+    }
+}
+
+/// How usage of OpenAI-style streams is obtained when the client did not ask for it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StreamUsage {
+    /// Add `stream_options.include_usage=true` to the request and remove the extra usage chunk from
+    /// the stream again, so the client sees exactly what it asked for.
+    #[default]
+    Inject,
+    /// Forward the request unchanged; the usage is recorded as missing.
+    Off,
+}
+
+fn default_max_request_body() -> u64 {
+    4 << 20
+}
+
+fn default_request_buffer_budget() -> u64 {
+    256 << 20
 }
 
 /// A provider domain entry.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ProviderDomain {
     /// Domain name, or a pattern with one `*` (e.g. `*.openai.azure.com`).
@@ -65,6 +121,10 @@ pub struct ProviderDomain {
     /// API dialect; required for domains that are not in the built-in catalog.
     #[serde(default)]
     pub adapter: Option<Adapter>,
+    /// Provider name: the `provider` label and the price table section (default: the built-in
+    /// name, else the domain).
+    #[serde(default)]
+    pub name: Option<String>,
     /// Static addresses. When set, the domain is not resolved through DNS.
     #[serde(default)]
     pub addresses: Vec<IpAddr>,
@@ -74,7 +134,7 @@ pub struct ProviderDomain {
 }
 
 /// Interception settings.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Interception {
     /// What happens to new connections when the daemon is not running.
@@ -100,7 +160,7 @@ impl Default for Interception {
 }
 
 /// Selects processes by kernel facts. Every field is optional; the ones given must all match.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ProcessSelector {
     /// Executable path glob (e.g. `/usr/bin/java`, `/opt/**/bin/*`).
@@ -166,7 +226,7 @@ impl ProcessSelector {
 }
 
 /// Behaviour when the daemon is gone.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FailureMode {
     /// Programs are detached with the daemon: applications connect directly (default).
@@ -177,7 +237,7 @@ pub enum FailureMode {
 }
 
 /// Address discovery settings.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Discovery {
     /// Shortest interval between two resolutions of a domain, whatever the record TTL.
@@ -232,6 +292,8 @@ fn default_leaf_ttl() -> Duration {
 pub struct ProviderTarget {
     pub domain: String,
     pub adapter: Adapter,
+    /// Provider name (metrics label, price table section).
+    pub name: String,
     pub addresses: Vec<IpAddr>,
     pub ports: Vec<u16>,
 }
@@ -338,6 +400,19 @@ impl Policy {
                 format!("{} is outside 10m..397d", humantime::format_duration(ttl)),
             ));
         }
+        let accounting = &self.accounting;
+        if accounting.max_request_body_bytes > accounting.request_buffer_budget_bytes {
+            return Err(invalid(
+                "accounting.maxRequestBodyBytes".into(),
+                format!(
+                    "{} is larger than requestBufferBudgetBytes {}",
+                    accounting.max_request_body_bytes, accounting.request_buffer_budget_bytes
+                ),
+            ));
+        }
+        if let Err(e) = self.price_table() {
+            return Err(invalid("pricing".into(), e.to_string()));
+        }
         let d = &self.discovery;
         if d.min_refresh.is_zero() || d.retry_interval.is_zero() {
             return Err(invalid(
@@ -358,6 +433,15 @@ impl Policy {
         Ok(())
     }
 
+    /// The built-in price table with the policy's `pricing` applied.
+    pub fn price_table(
+        &self,
+    ) -> Result<interceptor_protocols::PriceTable, interceptor_protocols::pricing::PriceError> {
+        let mut table = interceptor_protocols::PriceTable::builtin()?;
+        table.apply(&self.pricing)?;
+        Ok(table)
+    }
+
     /// The compiled bypass selectors (validated by [`Policy::validate`]).
     pub fn bypass_matchers(&self) -> Vec<SelectorMatcher> {
         self.interception
@@ -375,9 +459,10 @@ impl Policy {
             targets.extend(
                 providers::BUILTIN_PROVIDERS
                     .iter()
-                    .map(|(domain, adapter)| ProviderTarget {
+                    .map(|(domain, adapter, name)| ProviderTarget {
                         domain: (*domain).to_owned(),
                         adapter: *adapter,
+                        name: (*name).to_owned(),
                         addresses: Vec::new(),
                         ports: default_ports(),
                     }),
@@ -385,11 +470,18 @@ impl Policy {
         }
         for entry in &self.providers {
             let domain = entry.domain.to_ascii_lowercase();
-            let adapter = entry.adapter.or_else(|| providers::builtin_adapter(&domain));
+            let builtin = providers::builtin_provider(&domain);
+            let adapter = entry.adapter.or(builtin.map(|(adapter, _)| adapter));
             let Some(adapter) = adapter else { continue };
+            let name = entry
+                .name
+                .clone()
+                .or(builtin.map(|(_, name)| name.to_owned()))
+                .unwrap_or_else(|| domain.clone());
             let target = ProviderTarget {
                 domain: domain.clone(),
                 adapter,
+                name,
                 addresses: entry.addresses.clone(),
                 ports: entry.ports.clone(),
             };

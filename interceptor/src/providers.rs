@@ -1,68 +1,63 @@
 //! The built-in catalog of AI provider domains and the adapter each one speaks.
 
-use serde::{Deserialize, Serialize};
-
-/// The API dialect a provider domain speaks (chooses the protocol adapter).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Adapter {
-    /// OpenAI's own API.
-    Openai,
-    /// Azure OpenAI (deployment paths, `api-version`).
-    AzureOpenai,
-    /// Anthropic's Messages API.
-    Anthropic,
-    /// Google Gemini API (Generative Language).
-    Gemini,
-    /// Google Vertex AI.
-    VertexAi,
-    /// AWS Bedrock runtime.
-    Bedrock,
-    /// Any provider that speaks the OpenAI API (Mistral, Groq, DeepSeek, ...).
-    OpenaiCompatible,
-}
-
-impl Adapter {
-    /// Stable name used in logs and metrics.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Adapter::Openai => "openai",
-            Adapter::AzureOpenai => "azure-openai",
-            Adapter::Anthropic => "anthropic",
-            Adapter::Gemini => "gemini",
-            Adapter::VertexAi => "vertex-ai",
-            Adapter::Bedrock => "bedrock",
-            Adapter::OpenaiCompatible => "openai-compatible",
-        }
-    }
-}
+pub use interceptor_protocols::Adapter;
 
 /// Built-in provider domains. Wildcards (`*.`) match one or more labels; they cannot be resolved
 /// ahead of time and are intercepted when their addresses are known (static addresses or DNS).
-pub const BUILTIN_PROVIDERS: &[(&str, Adapter)] = &[
-    ("api.openai.com", Adapter::Openai),
-    ("*.openai.azure.com", Adapter::AzureOpenai),
-    ("*.cognitiveservices.azure.com", Adapter::AzureOpenai),
-    ("api.anthropic.com", Adapter::Anthropic),
-    ("generativelanguage.googleapis.com", Adapter::Gemini),
-    ("aiplatform.googleapis.com", Adapter::VertexAi),
-    ("*-aiplatform.googleapis.com", Adapter::VertexAi),
-    ("bedrock-runtime.us-east-1.amazonaws.com", Adapter::Bedrock),
-    ("bedrock-runtime.us-east-2.amazonaws.com", Adapter::Bedrock),
-    ("bedrock-runtime.us-west-2.amazonaws.com", Adapter::Bedrock),
-    ("bedrock-runtime.eu-central-1.amazonaws.com", Adapter::Bedrock),
-    ("bedrock-runtime.eu-west-1.amazonaws.com", Adapter::Bedrock),
-    ("bedrock-runtime.ap-northeast-1.amazonaws.com", Adapter::Bedrock),
-    ("bedrock-runtime.*.amazonaws.com", Adapter::Bedrock),
-    ("api.mistral.ai", Adapter::OpenaiCompatible),
-    ("api.groq.com", Adapter::OpenaiCompatible),
-    ("api.deepseek.com", Adapter::OpenaiCompatible),
-    ("api.x.ai", Adapter::OpenaiCompatible),
-    ("api.together.xyz", Adapter::OpenaiCompatible),
-    ("api.fireworks.ai", Adapter::OpenaiCompatible),
-    ("openrouter.ai", Adapter::OpenaiCompatible),
-    ("api.perplexity.ai", Adapter::OpenaiCompatible),
-    ("api.cerebras.ai", Adapter::OpenaiCompatible),
+/// Each entry: domain pattern, adapter, provider name (the price table section and the `provider`
+/// label).
+pub const BUILTIN_PROVIDERS: &[(&str, Adapter, &str)] = &[
+    ("api.openai.com", Adapter::Openai, "openai"),
+    ("*.openai.azure.com", Adapter::AzureOpenai, "azure-openai"),
+    (
+        "*.cognitiveservices.azure.com",
+        Adapter::AzureOpenai,
+        "azure-openai",
+    ),
+    ("api.anthropic.com", Adapter::Anthropic, "anthropic"),
+    ("generativelanguage.googleapis.com", Adapter::Gemini, "gemini"),
+    ("aiplatform.googleapis.com", Adapter::VertexAi, "vertex-ai"),
+    ("*-aiplatform.googleapis.com", Adapter::VertexAi, "vertex-ai"),
+    (
+        "bedrock-runtime.us-east-1.amazonaws.com",
+        Adapter::Bedrock,
+        "bedrock",
+    ),
+    (
+        "bedrock-runtime.us-east-2.amazonaws.com",
+        Adapter::Bedrock,
+        "bedrock",
+    ),
+    (
+        "bedrock-runtime.us-west-2.amazonaws.com",
+        Adapter::Bedrock,
+        "bedrock",
+    ),
+    (
+        "bedrock-runtime.eu-central-1.amazonaws.com",
+        Adapter::Bedrock,
+        "bedrock",
+    ),
+    (
+        "bedrock-runtime.eu-west-1.amazonaws.com",
+        Adapter::Bedrock,
+        "bedrock",
+    ),
+    (
+        "bedrock-runtime.ap-northeast-1.amazonaws.com",
+        Adapter::Bedrock,
+        "bedrock",
+    ),
+    ("bedrock-runtime.*.amazonaws.com", Adapter::Bedrock, "bedrock"),
+    ("api.mistral.ai", Adapter::OpenaiCompatible, "mistral"),
+    ("api.groq.com", Adapter::OpenaiCompatible, "groq"),
+    ("api.deepseek.com", Adapter::OpenaiCompatible, "deepseek"),
+    ("api.x.ai", Adapter::OpenaiCompatible, "xai"),
+    ("api.together.xyz", Adapter::OpenaiCompatible, "together"),
+    ("api.fireworks.ai", Adapter::OpenaiCompatible, "fireworks"),
+    ("openrouter.ai", Adapter::OpenaiCompatible, "openrouter"),
+    ("api.perplexity.ai", Adapter::OpenaiCompatible, "perplexity"),
+    ("api.cerebras.ai", Adapter::OpenaiCompatible, "cerebras"),
 ];
 
 /// Whether `name` (lower case, no trailing dot) matches `pattern` (exact, or `*` standing for one
@@ -83,12 +78,17 @@ pub fn domain_matches(pattern: &str, name: &str) -> bool {
     }
 }
 
-/// The adapter of a built-in domain (exact or wildcard match).
-pub fn builtin_adapter(name: &str) -> Option<Adapter> {
+/// The adapter and provider name of a built-in domain (exact or wildcard match).
+pub fn builtin_provider(name: &str) -> Option<(Adapter, &'static str)> {
     BUILTIN_PROVIDERS
         .iter()
-        .find(|(pattern, _)| domain_matches(pattern, name))
-        .map(|(_, a)| *a)
+        .find(|(pattern, _, _)| domain_matches(pattern, name))
+        .map(|(_, adapter, provider)| (*adapter, *provider))
+}
+
+/// The adapter of a built-in domain.
+pub fn builtin_adapter(name: &str) -> Option<Adapter> {
+    builtin_provider(name).map(|(adapter, _)| adapter)
 }
 
 /// Checks the syntax of a domain pattern: DNS labels, with at most one `*`.
@@ -143,7 +143,7 @@ mod tests {
 
     #[test]
     fn builtin_catalog_is_valid_and_finds_adapters() {
-        for (pattern, _) in BUILTIN_PROVIDERS {
+        for (pattern, _, _) in BUILTIN_PROVIDERS {
             assert_eq!(validate_domain_pattern(pattern), Ok(()), "{pattern}");
         }
         assert_eq!(builtin_adapter("api.anthropic.com"), Some(Adapter::Anthropic));

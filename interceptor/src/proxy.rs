@@ -2,11 +2,13 @@
 //! handles them (at this stage: a byte-for-byte relay to the original destination).
 
 pub mod accept;
+pub mod accounted;
 pub mod classify;
 pub mod connection;
 pub mod exchange;
 pub mod http;
 pub mod passthrough;
+pub mod request_body;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -15,6 +17,9 @@ use std::time::Duration;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::net::{TcpListener, TcpSocket};
 
+use interceptor_protocols::Adapter;
+
+use crate::accounting::AccountingSettings;
 use crate::ebpf::AttributionMap;
 use crate::identity::Enricher;
 use crate::policy::SelectorMatcher;
@@ -156,20 +161,30 @@ pub struct ProxyContext {
     pub hello_timeout: Duration,
     /// A client silent for this long is taken for a server-speaks-first protocol and relayed.
     pub first_byte_timeout: Duration,
-    /// Provider domain patterns whose SNI is terminated.
-    pub provider_domains: Vec<String>,
+    /// Provider domains whose SNI is terminated, with their adapter and name.
+    pub providers: Vec<ProviderRoute>,
+    pub accounting: Arc<AccountingSettings>,
     /// Processes whose connections are relayed untouched.
     pub bypass: Vec<SelectorMatcher>,
     pub leaves: Arc<LeafCerts>,
     pub upstream: Arc<Upstream<http::UpstreamBody>>,
 }
 
+/// A provider domain pattern and how its traffic is read.
+#[derive(Clone, Debug)]
+pub struct ProviderRoute {
+    pub pattern: String,
+    pub adapter: Adapter,
+    pub name: Arc<str>,
+}
+
 impl ProxyContext {
-    /// Whether `sni` is a provider domain (exact or wildcard match).
-    pub fn is_provider(&self, sni: &str) -> bool {
-        self.provider_domains
+    /// The provider whose domain `sni` matches (exact names win over wildcards).
+    pub fn provider(&self, sni: &str) -> Option<&ProviderRoute> {
+        self.providers
             .iter()
-            .any(|pattern| domain_matches(pattern, sni))
+            .find(|p| !p.pattern.contains('*') && domain_matches(&p.pattern, sni))
+            .or_else(|| self.providers.iter().find(|p| domain_matches(&p.pattern, sni)))
     }
 }
 

@@ -2,8 +2,9 @@
 //! the tests depend on them:
 //!
 //! * `GET /v1/models` — reports the peer, SNI and HTTP version it saw (the "provider-side view");
-//! * `POST /v1/chat/completions` — OpenAI Chat Completions, JSON or SSE (`stream`, `stream_options.include_usage`);
-//! * `POST /v1/messages` — Anthropic Messages, JSON or SSE (message_start … message_stop);
+//! * `POST /v1/chat/completions`, `/v1/responses`, `/v1/embeddings` — OpenAI ([`openai`]);
+//! * `POST /v1/messages` — Anthropic Messages, JSON or SSE, with cache tokens ([`anthropic`]);
+//! * `POST /v1[beta]/models/{model}:generateContent` and `:streamGenerateContent` — Gemini ([`gemini`]);
 //! * `GET /sse?chunks=N&interval_ms=M` — N SSE events M ms apart;
 //! * `GET /ws` — WebSocket echo;
 //! * `GET /reset` — headers and some body, then the connection is reset;
@@ -31,6 +32,13 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::node::ProviderNetns;
 
+pub mod anthropic;
+pub mod gemini;
+pub mod ledger;
+pub mod openai;
+
+pub use ledger::{Ledger, Sent};
+
 /// What the provider saw of one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Seen {
@@ -44,9 +52,11 @@ pub struct Seen {
 pub struct Provider {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     pub sink_connections: Arc<AtomicU64>,
+    /// The usage of every response sent.
+    pub ledger: Ledger,
 }
 
-type Body = BoxBody<Bytes, std::io::Error>;
+pub type Body = BoxBody<Bytes, std::io::Error>;
 
 impl Provider {
     /// Serves HTTPS (HTTP/1.1 and HTTP/2) on each of `tls_addrs` and a TCP sink on each of `sink_addrs`,
@@ -59,9 +69,15 @@ impl Provider {
     ) -> anyhow::Result<Self> {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink_connections = Arc::new(AtomicU64::new(0));
+        let ledger = Ledger::default();
         for addr in tls_addrs {
             let listener = bind_in(netns, *addr)?;
-            tokio::spawn(serve_tls(listener, TlsAcceptor::from(tls.clone()), seen.clone()));
+            tokio::spawn(serve_tls(
+                listener,
+                TlsAcceptor::from(tls.clone()),
+                seen.clone(),
+                ledger.clone(),
+            ));
         }
         for addr in sink_addrs {
             let listener = bind_in(netns, *addr)?;
@@ -70,6 +86,7 @@ impl Provider {
         Ok(Self {
             seen,
             sink_connections,
+            ledger,
         })
     }
 
@@ -96,13 +113,19 @@ pub fn listen(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-async fn serve_tls(listener: TcpListener, acceptor: TlsAcceptor, seen: Arc<Mutex<Vec<Seen>>>) {
+async fn serve_tls(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    ledger: Ledger,
+) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
         let acceptor = acceptor.clone();
         let seen = seen.clone();
+        let ledger = ledger.clone();
         tokio::spawn(async move {
             let Ok(tls) = acceptor.accept(stream).await else {
                 return;
@@ -111,7 +134,8 @@ async fn serve_tls(listener: TcpListener, acceptor: TlsAcceptor, seen: Arc<Mutex
             let service = hyper::service::service_fn(move |request| {
                 let seen = seen.clone();
                 let sni = sni.clone();
-                async move { Ok::<_, Infallible>(route(request, peer, sni, &seen).await) }
+                let ledger = ledger.clone();
+                async move { Ok::<_, Infallible>(route(request, peer, sni, &seen, &ledger).await) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(tls), service)
@@ -125,6 +149,7 @@ async fn route(
     peer: SocketAddr,
     sni: Option<String>,
     seen: &Mutex<Vec<Seen>>,
+    ledger: &Ledger,
 ) -> Response<Body> {
     let path = request.uri().path().to_owned();
     if let Ok(mut seen) = seen.lock() {
@@ -147,8 +172,14 @@ async fn route(
                 "http_version": format!("{:?}", request.version()),
             }),
         ),
-        (Method::POST, "/v1/chat/completions") => chat_completions(request).await,
-        (Method::POST, "/v1/messages") => messages(request).await,
+        (Method::POST, "/v1/chat/completions") => openai::chat_completions(request, ledger).await,
+        (Method::POST, "/v1/responses") => openai::responses(request, ledger).await,
+        (Method::POST, "/v1/embeddings") => openai::embeddings(request, ledger).await,
+        (Method::POST, "/v1/messages") => anthropic::messages(request, ledger).await,
+        (Method::POST, p) if p.starts_with("/v1beta/models/") || p.starts_with("/v1/models/") => {
+            gemini::models(request, ledger).await
+        }
+
         (Method::POST, "/echo-size") => {
             let size = match request.into_body().collect().await {
                 Ok(body) => body.to_bytes().len(),
@@ -166,11 +197,11 @@ async fn route(
     }
 }
 
-fn full(bytes: impl Into<Bytes>) -> Body {
+pub fn full(bytes: impl Into<Bytes>) -> Body {
     BodyExt::boxed(Full::new(bytes.into()).map_err(|never| match never {}))
 }
 
-fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+pub fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
     let mut response = Response::new(full(value.to_string()));
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -180,8 +211,41 @@ fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
     response
 }
 
+/// A JSON response, gzip-compressed when the client accepts it (as the real APIs do).
+pub fn json_response_for(
+    request_headers: &http::HeaderMap,
+    status: StatusCode,
+    value: &Value,
+) -> Response<Body> {
+    let accepts_gzip = request_headers
+        .get(http::header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|e| e.trim().starts_with("gzip")));
+    let mut response = json_response(status, value);
+    if accepts_gzip {
+        use std::io::Write as _;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        if encoder.write_all(value.to_string().as_bytes()).is_ok()
+            && let Ok(compressed) = encoder.finish()
+        {
+            *response.body_mut() = full(compressed);
+            response.headers_mut().insert(
+                http::header::CONTENT_ENCODING,
+                http::HeaderValue::from_static("gzip"),
+            );
+        }
+    }
+    response
+}
+
+/// Reads a JSON request body.
+pub async fn json_body(request: Request<Incoming>) -> Option<Value> {
+    let bytes = request.into_body().collect().await.ok()?.to_bytes();
+    serde_json::from_slice(&bytes).ok()
+}
+
 /// An SSE response from events (already formatted), `interval` apart.
-fn sse_response(events: Vec<String>, interval: Duration) -> Response<Body> {
+pub fn sse_response(events: Vec<String>, interval: Duration) -> Response<Body> {
     let stream = futures::stream::iter(events.into_iter().enumerate()).then(move |(i, event)| async move {
         if i > 0 && !interval.is_zero() {
             tokio::time::sleep(interval).await;
@@ -198,114 +262,6 @@ fn sse_response(events: Vec<String>, interval: Duration) -> Response<Body> {
         http::HeaderValue::from_static("no-cache"),
     );
     response
-}
-
-async fn json_body(request: Request<Incoming>) -> Option<Value> {
-    let bytes = request.into_body().collect().await.ok()?.to_bytes();
-    serde_json::from_slice(&bytes).ok()
-}
-
-/// The reply text, split in stream deltas.
-const REPLY: [&str; 4] = ["Hello", " from the", " simulated", " provider."];
-const PROMPT_TOKENS: u64 = 12;
-const COMPLETION_TOKENS: u64 = 7;
-
-async fn chat_completions(request: Request<Incoming>) -> Response<Body> {
-    let Some(body) = json_body(request).await else {
-        return json_response(
-            StatusCode::BAD_REQUEST,
-            &json!({"error": {"message": "We could not parse the JSON body of your request.", "type": "invalid_request_error", "param": null, "code": null}}),
-        );
-    };
-    let model = body["model"].as_str().unwrap_or("gpt-4o-mini").to_owned();
-    let usage = json!({
-        "prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS, "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
-    });
-    if body["stream"].as_bool() != Some(true) {
-        return json_response(
-            StatusCode::OK,
-            &json!({
-                "id": "chatcmpl-sim1", "object": "chat.completion", "created": 1_732_400_000, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": REPLY.concat(), "refusal": null}, "logprobs": null, "finish_reason": "stop"}],
-                "usage": usage, "service_tier": "default", "system_fingerprint": "fp_sim"
-            }),
-        );
-    }
-    let chunk = |delta: Value, finish: Value| {
-        format!(
-            "data: {}\n\n",
-            json!({"id": "chatcmpl-sim1", "object": "chat.completion.chunk", "created": 1_732_400_000, "model": model,
-                   "system_fingerprint": "fp_sim", "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
-        )
-    };
-    let mut events = vec![chunk(
-        json!({"role": "assistant", "content": "", "refusal": null}),
-        Value::Null,
-    )];
-    events.extend(
-        REPLY
-            .iter()
-            .map(|piece| chunk(json!({"content": piece}), Value::Null)),
-    );
-    events.push(chunk(json!({}), json!("stop")));
-    if body["stream_options"]["include_usage"].as_bool() == Some(true) {
-        events.push(format!(
-            "data: {}\n\n",
-            json!({"id": "chatcmpl-sim1", "object": "chat.completion.chunk", "created": 1_732_400_000, "model": model,
-                   "system_fingerprint": "fp_sim", "choices": [], "usage": usage})
-        ));
-    }
-    events.push("data: [DONE]\n\n".to_owned());
-    sse_response(events, Duration::from_millis(5))
-}
-
-async fn messages(request: Request<Incoming>) -> Response<Body> {
-    let Some(body) = json_body(request).await else {
-        return json_response(
-            StatusCode::BAD_REQUEST,
-            &json!({"type": "error", "error": {"type": "invalid_request_error", "message": "invalid JSON body"}}),
-        );
-    };
-    let model = body["model"].as_str().unwrap_or("claude-sonnet-4-5").to_owned();
-    let usage = json!({"input_tokens": PROMPT_TOKENS, "output_tokens": COMPLETION_TOKENS,
-                       "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0});
-    if body["stream"].as_bool() != Some(true) {
-        return json_response(
-            StatusCode::OK,
-            &json!({"id": "msg_sim1", "type": "message", "role": "assistant", "model": model,
-                    "content": [{"type": "text", "text": REPLY.concat()}],
-                    "stop_reason": "end_turn", "stop_sequence": null, "usage": usage}),
-        );
-    }
-    let event = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
-    let mut events = vec![
-        event(
-            "message_start",
-            json!({"type": "message_start", "message": {"id": "msg_sim1", "type": "message", "role": "assistant", "model": model,
-                   "content": [], "stop_reason": null, "stop_sequence": null,
-                   "usage": {"input_tokens": PROMPT_TOKENS, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}}),
-        ),
-        event(
-            "content_block_start",
-            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-        ),
-        event("ping", json!({"type": "ping"})),
-    ];
-    events.extend(REPLY.iter().map(|piece| {
-        event("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}))
-    }));
-    events.push(event(
-        "content_block_stop",
-        json!({"type": "content_block_stop", "index": 0}),
-    ));
-    events.push(event(
-        "message_delta",
-        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": COMPLETION_TOKENS}}),
-    ));
-    events.push(event("message_stop", json!({"type": "message_stop"})));
-    sse_response(events, Duration::from_millis(5))
 }
 
 fn query_number(request: &Request<Incoming>, name: &str, default: u64) -> u64 {

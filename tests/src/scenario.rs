@@ -21,6 +21,8 @@ pub const SINK_PORT: u16 = 8443;
 pub const RELAY_HOST: &str = "relay.example.com";
 /// Served on an address that is not a target.
 pub const OTHER_HOST: &str = "other.example.com";
+/// The Gemini API host (served by the simulated provider).
+pub const GEMINI_HOST: &str = "generativelanguage.googleapis.com";
 
 /// A policy intercepting `api.openai.com` and `api.anthropic.com` on the simulated provider addresses.
 pub fn policy(failure_mode: &str) -> String {
@@ -33,6 +35,8 @@ providers:
     addresses: [{PROVIDER_V4}, \"{PROVIDER_V6}\"]
     ports: [443, {SINK_PORT}]
   - domain: api.anthropic.com
+    addresses: [{PROVIDER_V4}]
+  - domain: {GEMINI_HOST}
     addresses: [{PROVIDER_V4}]
 interception:
   failureMode: {failure_mode}
@@ -61,14 +65,20 @@ impl Scenario {
         let hosts: Vec<(&str, IpAddr)> = vec![
             ("api.openai.com", PROVIDER_V4.into()),
             ("api.anthropic.com", PROVIDER_V4.into()),
+            (GEMINI_HOST, PROVIDER_V4.into()),
             (RELAY_HOST, PROVIDER_V4.into()),
             (OTHER_HOST, OTHER_V4.into()),
         ];
         let pod = node.add_pod("pod-a", &hosts)?;
         let provider_netns = node.add_provider("provider")?;
         let ca = TestCa::new("Test Public Root CA", &node.dir, "public-ca.pem")?;
-        let tls =
-            server_config(ca.issue(&["api.openai.com", "api.anthropic.com", RELAY_HOST, OTHER_HOST])?)?;
+        let tls = server_config(ca.issue(&[
+            "api.openai.com",
+            "api.anthropic.com",
+            GEMINI_HOST,
+            RELAY_HOST,
+            OTHER_HOST,
+        ])?)?;
         let tls_addrs = [
             SocketAddr::new(PROVIDER_V4.into(), 443),
             SocketAddr::new(PROVIDER_V6.into(), 443),

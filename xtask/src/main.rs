@@ -124,7 +124,15 @@ fn test(root: &std::path::Path) -> anyhow::Result<()> {
     let mut totals = sh::TestTotals::default();
     // Unit and in-process tests.
     let unit = sh::cargo_test(
-        &["test", "--package", "interceptor", "--package", "xtask"],
+        &[
+            "test",
+            "--package",
+            "interceptor",
+            "--package",
+            "interceptor-protocols",
+            "--package",
+            "xtask",
+        ],
         &[],
         &mut totals,
     );

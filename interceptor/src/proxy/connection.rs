@@ -104,10 +104,7 @@ pub async fn handle(
                     details.cgroup.as_deref(),
                 )
             });
-            let provider = sni
-                .as_deref()
-                .filter(|name| ctx.is_provider(name))
-                .map(str::to_owned);
+            let provider = sni.as_deref().and_then(|name| ctx.provider(name)).cloned();
             let mode = match (&sni, &provider) {
                 _ if bypassed => Mode::Bypassed,
                 (None, _) => Mode::NoSni,
@@ -120,7 +117,9 @@ pub async fn handle(
                     let conn = Arc::new(ConnInfo {
                         facts: facts.clone(),
                         details: details.clone(),
-                        sni: provider,
+                        sni: sni.clone().unwrap_or_default().to_ascii_lowercase(),
+                        provider: provider.name,
+                        adapter: provider.adapter,
                     });
                     let (mode, outcome) = terminate(ctx, client, buffer, conn, offered_h2, &abort).await;
                     (mode, sni, outcome)
@@ -211,6 +210,7 @@ async fn terminate(
         upstream: ctx.upstream.clone(),
         conn,
         metrics: ctx.metrics.clone(),
+        accounting: ctx.accounting.clone(),
     });
     tokio::select! {
         result = http::serve(tls, http_ctx) => (Mode::Terminated, result.map(|()| (0, 0))),

@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use interceptor_protocols::{Accounting, Adapter, Route};
 use tracing::info;
 
 use super::ProxyMetrics;
+use crate::accounting::{AccountingSettings, Priced};
 use crate::identity::{KernelFacts, ProcessDetails};
 
 /// What every request of a connection shares: who, where to.
@@ -20,12 +22,68 @@ pub struct ConnInfo {
     pub details: ProcessDetails,
     /// The TLS server name the client asked for (the provider host).
     pub sni: String,
+    /// The provider's name (metrics label, price section) and API dialect.
+    pub provider: Arc<str>,
+    pub adapter: Adapter,
+}
+
+/// What the request body said (when it was read).
+#[derive(Debug, Default)]
+pub struct RequestSide {
+    pub model: Option<String>,
+    pub stream: bool,
+    /// `stream_options.include_usage` was added by the interceptor.
+    pub usage_injected: bool,
+    /// Why the body was forwarded unread, when it was.
+    pub unread: Option<&'static str>,
+}
+
+/// Response headers worth keeping: request id and rate-limit state.
+#[derive(Debug, Default)]
+pub struct ResponseMeta {
+    pub request_id: Option<String>,
+    pub retry_after: Option<String>,
+    pub remaining_requests: Option<String>,
+    pub remaining_tokens: Option<String>,
+}
+
+impl ResponseMeta {
+    pub fn from_headers(headers: &http::HeaderMap) -> Self {
+        let first = |names: &[&str]| {
+            names.iter().find_map(|name| {
+                headers
+                    .get(*name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|v| v.chars().take(128).collect::<String>())
+            })
+        };
+        Self {
+            request_id: first(&[
+                "x-request-id",
+                "request-id",
+                "x-amzn-requestid",
+                "apim-request-id",
+            ]),
+            retry_after: first(&["retry-after", "retry-after-ms"]),
+            remaining_requests: first(&[
+                "x-ratelimit-remaining-requests",
+                "anthropic-ratelimit-requests-remaining",
+            ]),
+            remaining_tokens: first(&[
+                "x-ratelimit-remaining-tokens",
+                "anthropic-ratelimit-tokens-remaining",
+                "anthropic-ratelimit-input-tokens-remaining",
+            ]),
+        }
+    }
 }
 
 /// The record of one exchange. Emitted when the last reference (the bodies) is dropped.
 pub struct Exchange {
     conn: Arc<ConnInfo>,
     metrics: ProxyMetrics,
+    accounting: Arc<AccountingSettings>,
+    route: Route,
     method: http::Method,
     /// Path without the query (queries may carry API keys, e.g. Gemini's `?key=`).
     path: String,
@@ -33,16 +91,29 @@ pub struct Exchange {
     ttfb: OnceLock<Duration>,
     status: AtomicU16,
     bytes_up: AtomicU64,
-    bytes_down: AtomicU64,
+    pub(super) bytes_down: AtomicU64,
     error: OnceLock<String>,
+    request: OnceLock<RequestSide>,
+    response: OnceLock<ResponseMeta>,
+    time_to_first_token: OnceLock<Duration>,
+    outcome: OnceLock<Accounting>,
 }
 
 impl Exchange {
-    pub fn start(conn: Arc<ConnInfo>, metrics: ProxyMetrics, method: http::Method, path: &str) -> Arc<Self> {
+    pub fn start(
+        conn: Arc<ConnInfo>,
+        metrics: ProxyMetrics,
+        accounting: Arc<AccountingSettings>,
+        route: Route,
+        method: http::Method,
+        path: &str,
+    ) -> Arc<Self> {
         metrics.requests_active.inc();
         Arc::new(Self {
             conn,
             metrics,
+            accounting,
+            route,
             method,
             path: path.to_owned(),
             started: Instant::now(),
@@ -51,7 +122,43 @@ impl Exchange {
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
             error: OnceLock::new(),
+            request: OnceLock::new(),
+            response: OnceLock::new(),
+            time_to_first_token: OnceLock::new(),
+            outcome: OnceLock::new(),
         })
+    }
+
+    pub fn route(&self) -> &Route {
+        &self.route
+    }
+
+    pub fn conn(&self) -> &ConnInfo {
+        &self.conn
+    }
+
+    pub fn settings(&self) -> &AccountingSettings {
+        &self.accounting
+    }
+
+    /// What the request body said.
+    pub fn requested(&self, side: RequestSide) {
+        let _ = self.request.set(side);
+    }
+
+    /// Keeps the response headers worth recording.
+    pub fn response_meta(&self, meta: ResponseMeta) {
+        let _ = self.response.set(meta);
+    }
+
+    /// The first generated output reached the client.
+    pub fn first_token(&self) {
+        let _ = self.time_to_first_token.set(self.started.elapsed());
+    }
+
+    /// The response body was read to its end (or cut short).
+    pub fn accounted(&self, accounting: Accounting) {
+        let _ = self.outcome.set(accounting);
     }
 
     /// Response headers arrived (or a local response was made).
@@ -83,8 +190,73 @@ impl Drop for Exchange {
         self.metrics.request_duration.observe(latency.as_secs_f64());
         let facts = &self.conn.facts;
         let details = &self.conn.details;
+        let outcome = self.outcome.get();
+        let request = self.request.get();
+        let response = self.response.get();
+        let requested_model = request.and_then(|r| r.model.as_deref());
+        let path_model = self
+            .route
+            .path_model
+            .as_deref()
+            .filter(|_| !self.route.path_model_is_deployment);
+        // The model the provider says it ran, else the one asked for.
+        let model = outcome
+            .and_then(|o| o.observation.model.as_deref())
+            .or(requested_model)
+            .or(path_model);
+        let usage = outcome.and_then(|o| o.usage);
+        let settings = &self.accounting;
+        let provider = &*self.conn.provider;
+        let priced = settings.price(provider, self.conn.adapter, model, usage.as_ref());
+        settings
+            .metrics
+            .record(provider, self.route.kind, status, outcome, &priced);
+        let ttft = self.time_to_first_token.get();
+        if let Some(ttft) = ttft {
+            settings
+                .metrics
+                .time_to_first_token
+                .with_label_values(&[provider])
+                .observe(ttft.as_secs_f64());
+        }
+        let (priced_as, cost_usd, cost_picodollars) = match &priced {
+            Priced::Priced { priced_as, cost } => (
+                Some(priced_as.as_str()),
+                Some(cost.usd()),
+                u64::try_from(cost.picodollars).ok(),
+            ),
+            _ => (None, None, None),
+        };
+        let error_info = outcome.and_then(|o| o.observation.error.as_ref());
         info!(
             host = %self.conn.sni,
+            provider,
+            kind = self.route.kind.name(),
+            model,
+            requested_model,
+            deployment = self.route.path_model.as_deref().filter(|_| self.route.path_model_is_deployment),
+            stream = outcome.map(|o| o.stream),
+            usage_status = outcome.map_or("none", |o| o.status.name()),
+            input_tokens = usage.map(|u| u.input_tokens),
+            cached_input_tokens = usage.map(|u| u.cached_input_tokens),
+            cache_write_tokens = usage.map(|u| u.cache_write_tokens),
+            output_tokens = usage.map(|u| u.output_tokens),
+            reasoning_tokens = usage.map(|u| u.reasoning_tokens),
+            cost_status = priced.status(),
+            priced_as,
+            cost_usd,
+            cost_picodollars,
+            ttft_ms = ttft.map(|d| d.as_secs_f64() * 1000.0),
+            usage_injected = request.map(|r| r.usage_injected),
+            request_body_unread = request.and_then(|r| r.unread),
+            request_id = response.and_then(|r| r.request_id.as_deref()),
+            response_id = outcome.and_then(|o| o.observation.response_id.as_deref()),
+            provider_error = error_info.map(|e| e.kind.as_str()),
+            provider_error_code = error_info.and_then(|e| e.code.as_deref()),
+            retry_after = response.and_then(|r| r.retry_after.as_deref()),
+            ratelimit_remaining_requests = response.and_then(|r| r.remaining_requests.as_deref()),
+            ratelimit_remaining_tokens = response.and_then(|r| r.remaining_tokens.as_deref()),
+            accounting_problem = outcome.and_then(|o| o.problem.as_deref()),
             method = %self.method,
             path = %self.path,
             status,

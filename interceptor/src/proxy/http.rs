@@ -14,16 +14,21 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
-use super::ProxyMetrics;
-use super::exchange::{ConnInfo, Direction, Exchange, Metered};
 use hyper_util::client::legacy::Client;
+use interceptor_protocols::strip::UsageChunkStripper;
+use interceptor_protocols::{ResponseAccountant, classify};
 
+use super::ProxyMetrics;
+use super::accounted::Accounted;
+use super::exchange::{ConnInfo, Direction, Exchange, Metered, ResponseMeta};
+use super::request_body::{self, RequestBody};
+use crate::accounting::AccountingSettings;
 use crate::tls::upstream::{Connector, Upstream};
 
 /// Request bodies sent upstream.
-pub type UpstreamBody = Metered<Incoming>;
+pub type UpstreamBody = Metered<RequestBody>;
 /// Response bodies sent to the client: the provider's, or a local one (errors).
-pub type ClientBody = Either<Metered<Incoming>, Full<Bytes>>;
+pub type ClientBody = Either<Accounted<Incoming>, Full<Bytes>>;
 
 /// What the HTTP service of one connection needs.
 pub struct HttpContext {
@@ -34,6 +39,7 @@ pub struct HttpContext {
     /// once per connection, not per request.
     pub client: Client<Connector, UpstreamBody>,
     pub metrics: ProxyMetrics,
+    pub accounting: Arc<AccountingSettings>,
 }
 
 /// Serves HTTP on a terminated TLS stream until the client closes it.
@@ -52,9 +58,17 @@ where
 }
 
 async fn handle(mut request: Request<Incoming>, ctx: &HttpContext) -> Response<ClientBody> {
+    let route = classify(
+        ctx.conn.adapter,
+        request.method().as_str(),
+        request.uri().path(),
+        request.uri().query().unwrap_or(""),
+    );
     let exchange = Exchange::start(
         ctx.conn.clone(),
         ctx.metrics.clone(),
+        ctx.accounting.clone(),
+        route,
         request.method().clone(),
         request.uri().path(),
     );
@@ -84,7 +98,18 @@ async fn handle(mut request: Request<Incoming>, ctx: &HttpContext) -> Response<C
         }
     };
     parts.version = Version::HTTP_11;
-    let upstream_request = Request::from_parts(parts, Metered::new(body, exchange.clone(), Direction::Up));
+    let prepared = match request_body::prepare(&exchange, &mut parts.headers, body).await {
+        Ok(prepared) => prepared,
+        Err(message) => {
+            exchange.fail(message.clone());
+            return local(&exchange, StatusCode::BAD_REQUEST, format!("{message}\n"));
+        }
+    };
+    let strip_usage = prepared.usage_injected;
+    let upstream_request = Request::from_parts(
+        parts,
+        Metered::new(prepared.body, exchange.clone(), Direction::Up),
+    );
     // WebSocket upgrades need HTTP/1.1 upstream.
     let response = if websocket {
         ctx.upstream
@@ -109,6 +134,7 @@ async fn handle(mut request: Request<Incoming>, ctx: &HttpContext) -> Response<C
         }
     };
     exchange.responded(response.status());
+    exchange.response_meta(ResponseMeta::from_headers(response.headers()));
     if let Some(client_upgrade) = client_upgrade
         && response.status() == StatusCode::SWITCHING_PROTOCOLS
     {
@@ -130,7 +156,23 @@ async fn handle(mut request: Request<Incoming>, ctx: &HttpContext) -> Response<C
     } else {
         strip_hop_by_hop(response.headers_mut(), false);
     }
-    response.map(|body| Either::Left(Metered::new(body, exchange, Direction::Down)))
+    let settings = exchange.settings();
+    let accountant = ResponseAccountant::new(
+        ctx.conn.adapter,
+        exchange.route(),
+        response.status().as_u16(),
+        response.headers(),
+        settings.limits,
+    );
+    let sse = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let stripper = (strip_usage && sse).then(|| UsageChunkStripper::new(settings.limits.max_event_bytes));
+    if stripper.is_some() {
+        response.headers_mut().remove(header::CONTENT_LENGTH);
+    }
+    response.map(|body| Either::Left(Accounted::new(body, exchange, accountant, stripper)))
 }
 
 /// A response made by the proxy itself.

@@ -1,0 +1,258 @@
+//! Token and cost accounting in the daemon: the settings and price table the proxy uses, the
+//! metrics, and pricing of a finished exchange.
+
+use std::sync::Arc;
+
+use interceptor_protocols::{Accounting, Adapter, EndpointKind, Limits, PriceTable, Usage, UsageStatus};
+use prometheus::{CounterVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use tokio::sync::Semaphore;
+
+use crate::policy::{Policy, StreamUsage};
+
+/// Accounting settings shared by every connection.
+pub struct AccountingSettings {
+    pub prices: PriceTable,
+    pub stream_usage: StreamUsage,
+    pub max_request_body: u64,
+    /// Request-body memory left, in KiB permits.
+    pub request_budget: Arc<Semaphore>,
+    pub limits: Limits,
+    pub metrics: AccountingMetrics,
+}
+
+impl AccountingSettings {
+    pub fn from_policy(policy: &Policy, metrics: AccountingMetrics) -> anyhow::Result<Self> {
+        let prices = policy.price_table()?;
+        let accounting = &policy.accounting;
+        let budget_kib = usize::try_from(accounting.request_buffer_budget_bytes / 1024)
+            .unwrap_or(Semaphore::MAX_PERMITS)
+            .min(Semaphore::MAX_PERMITS);
+        Ok(Self {
+            prices,
+            stream_usage: accounting.stream_usage,
+            max_request_body: accounting.max_request_body_bytes,
+            request_budget: Arc::new(Semaphore::new(budget_kib)),
+            limits: Limits::default(),
+            metrics,
+        })
+    }
+
+    /// Prices `usage` of `model` for a provider: the provider's own price section first, then the
+    /// section of its API family (Azure OpenAI → openai, Claude on Vertex → anthropic).
+    pub fn price(
+        &self,
+        provider: &str,
+        adapter: Adapter,
+        model: Option<&str>,
+        usage: Option<&Usage>,
+    ) -> Priced {
+        let Some(usage) = usage else {
+            return Priced::NoUsage;
+        };
+        let Some(model) = model else {
+            return Priced::UnknownModel;
+        };
+        let family = match adapter {
+            Adapter::Openai | Adapter::AzureOpenai => Some("openai"),
+            Adapter::Anthropic => Some("anthropic"),
+            Adapter::Gemini => Some("gemini"),
+            Adapter::VertexAi if model.to_ascii_lowercase().contains("claude") => Some("anthropic"),
+            Adapter::VertexAi => Some("gemini"),
+            Adapter::Bedrock => Some("bedrock"),
+            Adapter::OpenaiCompatible => None,
+        };
+        let found = std::iter::once(provider)
+            .chain(family)
+            .find_map(|section| self.prices.lookup(section, model));
+        match found {
+            Some(priced) => Priced::Priced {
+                cost: priced.cost(usage),
+                priced_as: priced.priced_as,
+            },
+            None => Priced::UnknownModel,
+        }
+    }
+}
+
+/// The cost of an exchange, or why there is none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Priced {
+    Priced {
+        priced_as: String,
+        cost: interceptor_protocols::Cost,
+    },
+    /// Tokens are known but the model has no price: the cost is unknown, never guessed.
+    UnknownModel,
+    NoUsage,
+}
+
+impl Priced {
+    pub fn status(&self) -> &'static str {
+        match self {
+            Priced::Priced { .. } => "priced",
+            Priced::UnknownModel => "unknown_model",
+            Priced::NoUsage => "no_usage",
+        }
+    }
+}
+
+/// Accounting metrics.
+#[derive(Clone)]
+pub struct AccountingMetrics {
+    pub requests: IntCounterVec,
+    pub usage: IntCounterVec,
+    pub tokens: IntCounterVec,
+    pub cost: CounterVec,
+    pub unpriced: IntCounterVec,
+    pub time_to_first_token: HistogramVec,
+    pub provider_errors: IntCounterVec,
+    pub unread_bodies: IntCounterVec,
+    pub usage_injected: IntCounter,
+}
+
+impl AccountingMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "interceptor_provider_requests_total",
+                "Requests to AI providers, by provider, endpoint kind and whether they streamed",
+            ),
+            &["provider", "kind", "stream"],
+        )?;
+        let usage = IntCounterVec::new(
+            Opts::new(
+                "interceptor_usage_results_total",
+                "How the usage of each request is known: reported, estimated, none (endpoint reports \
+                 none), missing (stream cut short), malformed (unreadable body), unsupported (encoding)",
+            ),
+            &["provider", "result"],
+        )?;
+        let tokens = IntCounterVec::new(
+            Opts::new(
+                "interceptor_tokens_total",
+                "Tokens by provider, priced model family (or `unpriced`) and type (input counts cache \
+                 reads and writes; output counts reasoning)",
+            ),
+            &["provider", "model", "type"],
+        )?;
+        let cost = CounterVec::new(
+            Opts::new(
+                "interceptor_cost_usd_total",
+                "Cost in US dollars from the price table, by provider and priced model family",
+            ),
+            &["provider", "model"],
+        )?;
+        let unpriced = IntCounterVec::new(
+            Opts::new(
+                "interceptor_unpriced_requests_total",
+                "Requests with token usage but no price for their model (cost unknown)",
+            ),
+            &["provider"],
+        )?;
+        let time_to_first_token = HistogramVec::new(
+            HistogramOpts::new(
+                "interceptor_time_to_first_token_seconds",
+                "Time from the request to the first generated output of a stream",
+            )
+            .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0]),
+            &["provider"],
+        )?;
+        let provider_errors = IntCounterVec::new(
+            Opts::new(
+                "interceptor_provider_errors_total",
+                "Error responses and in-stream errors from providers, by provider, HTTP status and \
+                 provider error type",
+            ),
+            &["provider", "status", "type"],
+        )?;
+        let unread_bodies = IntCounterVec::new(
+            Opts::new(
+                "interceptor_request_bodies_unread_total",
+                "Request bodies forwarded without reading them (too_large, budget_exhausted, not_json)",
+            ),
+            &["reason"],
+        )?;
+        let usage_injected = IntCounter::new(
+            "interceptor_stream_usage_injected_total",
+            "Streams whose request got stream_options.include_usage (hidden from the client again)",
+        )?;
+        for collector in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(usage.clone()),
+            Box::new(tokens.clone()),
+            Box::new(cost.clone()),
+            Box::new(unpriced.clone()),
+            Box::new(time_to_first_token.clone()),
+            Box::new(provider_errors.clone()),
+            Box::new(unread_bodies.clone()),
+            Box::new(usage_injected.clone()),
+        ] {
+            registry.register(collector)?;
+        }
+        Ok(Self {
+            requests,
+            usage,
+            tokens,
+            cost,
+            unpriced,
+            time_to_first_token,
+            provider_errors,
+            unread_bodies,
+            usage_injected,
+        })
+    }
+
+    /// Records a finished exchange.
+    pub fn record(
+        &self,
+        provider: &str,
+        kind: EndpointKind,
+        status: u16,
+        accounting: Option<&Accounting>,
+        priced: &Priced,
+    ) {
+        let stream = accounting.is_some_and(|a| a.stream);
+        self.requests
+            .with_label_values(&[provider, kind.name(), if stream { "true" } else { "false" }])
+            .inc();
+        let result = accounting.map_or(UsageStatus::NotReported, |a| a.status);
+        self.usage.with_label_values(&[provider, result.name()]).inc();
+        let error_type = accounting
+            .and_then(|a| a.observation.error.as_ref())
+            .map(|e| e.kind.as_str());
+        if status >= 400 || error_type.is_some() {
+            let status = status.to_string();
+            self.provider_errors
+                .with_label_values(&[provider, &status, error_type.unwrap_or("")])
+                .inc();
+        }
+        let Some(usage) = accounting.and_then(|a| a.usage) else {
+            return;
+        };
+        let model = match priced {
+            Priced::Priced { priced_as, cost } => {
+                self.cost
+                    .with_label_values(&[provider, priced_as])
+                    .inc_by(cost.usd());
+                priced_as.as_str()
+            }
+            _ => {
+                self.unpriced.with_label_values(&[provider]).inc();
+                "unpriced"
+            }
+        };
+        for (kind, count) in [
+            ("input", usage.input_tokens),
+            ("cached_input", usage.cached_input_tokens),
+            ("cache_write", usage.cache_write_tokens),
+            ("output", usage.output_tokens),
+            ("reasoning", usage.reasoning_tokens),
+        ] {
+            if count > 0 {
+                self.tokens
+                    .with_label_values(&[provider, model, kind])
+                    .inc_by(count);
+            }
+        }
+    }
+}

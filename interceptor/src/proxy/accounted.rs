@@ -1,0 +1,152 @@
+//! The response body on its way to the client: counted, read on the side by the provider's
+//! accountant (usage, model, errors, time to first token), and — when the interceptor injected
+//! `include_usage` — with the extra usage chunk removed again.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use interceptor_protocols::ResponseAccountant;
+use interceptor_protocols::strip::UsageChunkStripper;
+
+use super::exchange::Exchange;
+
+/// A provider response body that accounts for itself.
+pub struct Accounted<B> {
+    inner: B,
+    exchange: Arc<Exchange>,
+    accountant: Option<ResponseAccountant>,
+    stripper: Option<UsageChunkStripper>,
+    /// Reused output buffer of the stripper.
+    stripped: Vec<u8>,
+}
+
+impl<B> Accounted<B> {
+    pub fn new(
+        inner: B,
+        exchange: Arc<Exchange>,
+        accountant: ResponseAccountant,
+        stripper: Option<UsageChunkStripper>,
+    ) -> Self {
+        Self {
+            inner,
+            exchange,
+            accountant: Some(accountant),
+            stripper,
+            stripped: Vec::new(),
+        }
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if let Some(accountant) = self.accountant.take() {
+            self.exchange.accounted(accountant.finish(complete));
+        }
+    }
+
+    fn count(&self, len: usize) {
+        self.exchange.bytes_down.fetch_add(len as u64, Ordering::Relaxed);
+    }
+}
+
+impl<B> Body for Accounted<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        loop {
+            if this.accountant.is_none() {
+                // Ended: the last data frame already carried the end of the body.
+                return Poll::Ready(None);
+            }
+            let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => frame,
+                Poll::Ready(Some(Err(e))) => {
+                    this.exchange.fail(format!("response body: {e}"));
+                    this.finish(false);
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => {
+                    let tail = this.take_stripped_tail();
+                    this.finish(true);
+                    return Poll::Ready(tail.map(|data| Ok(Frame::data(data))));
+                }
+            };
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => return Poll::Ready(Some(Ok(frame))),
+            };
+            if let Some(accountant) = this.accountant.as_mut()
+                && accountant.feed(&data)
+            {
+                this.exchange.first_token();
+            }
+            let ended = this.inner.is_end_stream();
+            let data = match this.stripper.as_mut() {
+                None => data,
+                Some(stripper) => {
+                    this.stripped.clear();
+                    stripper.push(&data, &mut this.stripped);
+                    if ended {
+                        stripper.finish(&mut this.stripped);
+                    }
+                    Bytes::copy_from_slice(&this.stripped)
+                }
+            };
+            if ended {
+                // hyper stops polling once the body says it ended: finish now, as complete.
+                this.finish(true);
+            }
+            if data.is_empty() {
+                // Held until its event completes, or a removed usage chunk.
+                continue;
+            }
+            this.count(data.len());
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.accountant.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.stripper.is_some() {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+impl<B> Accounted<B> {
+    /// What the stripper still holds when the upstream body ends.
+    fn take_stripped_tail(&mut self) -> Option<Bytes> {
+        let stripper = self.stripper.as_mut()?;
+        self.stripped.clear();
+        stripper.finish(&mut self.stripped);
+        if self.stripped.is_empty() {
+            return None;
+        }
+        self.count(self.stripped.len());
+        Some(Bytes::copy_from_slice(&self.stripped))
+    }
+}
+
+impl<B> Drop for Accounted<B> {
+    fn drop(&mut self) {
+        // The client went away (or the exchange was aborted) before the end of the body.
+        self.finish(false);
+    }
+}
