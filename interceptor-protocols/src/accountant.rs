@@ -82,6 +82,8 @@ pub struct Accounting {
     pub stream: bool,
     /// Why the body could not be read, when it could not.
     pub problem: Option<String>,
+    /// The generated text the stream delivered, when collected for an estimate.
+    pub output_text: Option<String>,
 }
 
 enum Framing {
@@ -95,6 +97,8 @@ enum Framing {
 /// The decoded-body side: framing plus extractor.
 struct Reader {
     dialect: Dialect,
+    /// Generated text, collected (OpenAI-style streams) when an estimate may be needed.
+    output_text: Option<String>,
     framing: Framing,
     observation: Observation,
     output_seen: bool,
@@ -106,6 +110,7 @@ impl Reader {
     fn consume(&mut self, chunk: &[u8]) {
         let Reader {
             dialect,
+            output_text,
             framing,
             observation,
             output_seen,
@@ -120,7 +125,15 @@ impl Reader {
             }
         };
         match framing {
-            Framing::Sse(parser) => parser.feed(chunk, |event| note(sse_event(*dialect, observation, event))),
+            Framing::Sse(parser) => parser.feed(chunk, |event| {
+                if let Some(text) = output_text.as_mut()
+                    && *dialect == Dialect::OpenaiChat
+                    && let Err(e) = openai::chat_delta_text(event.data, text, crate::estimate::MAX_TEXT_BYTES)
+                {
+                    note(Err(format!("SSE event {:?}: {e}", event.event)));
+                }
+                note(sse_event(*dialect, observation, event))
+            }),
             Framing::EventStream(decoder) => decoder.feed(chunk, |message| {
                 note(bedrock::stream_message(observation, &message).map_err(|e| format!("event-stream: {e}")))
             }),
@@ -241,6 +254,7 @@ impl Decoder {
 fn dummy_reader() -> Reader {
     Reader {
         dialect: Dialect::Opaque,
+        output_text: None,
         framing: Framing::Skip,
         observation: Observation::default(),
         output_seen: false,
@@ -304,6 +318,7 @@ impl ResponseAccountant {
         let expects_usage = success && reports_usage && !matches!(framing, Framing::Skip);
         let mut reader = Reader {
             dialect,
+            output_text: None,
             framing,
             observation: Observation::default(),
             output_seen: false,
@@ -346,6 +361,17 @@ impl ResponseAccountant {
     /// Whether the response is a stream.
     pub fn is_stream(&self) -> bool {
         self.stream
+    }
+
+    /// Keeps the generated text of an OpenAI-style stream (for a tokenizer estimate when the
+    /// stream ends without usage). Costs one JSON parse per event.
+    pub fn collect_output(&mut self) {
+        if let Some(decoder) = self.decoder.as_mut() {
+            let reader = decoder.reader();
+            if reader.dialect == Dialect::OpenaiChat && matches!(reader.framing, Framing::Sse(_)) {
+                reader.output_text.get_or_insert_with(String::new);
+            }
+        }
     }
 
     /// Reads a chunk of the body as it passed to the client. Returns true when this chunk carried
@@ -402,6 +428,7 @@ impl ResponseAccountant {
             status,
             stream: self.stream,
             problem,
+            output_text: reader.output_text.take(),
         }
     }
 }

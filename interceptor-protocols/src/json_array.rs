@@ -13,6 +13,8 @@ pub struct JsonArraySplitter {
     /// The top level is an array (elements are at depth 1) rather than a single value.
     top_array: bool,
     started: bool,
+    /// The top-level value ended; only whitespace may follow.
+    done: bool,
     oversized: bool,
     max_element_bytes: usize,
     elements: u64,
@@ -38,6 +40,7 @@ impl JsonArraySplitter {
             escaped: false,
             top_array: false,
             started: false,
+            done: false,
             oversized: false,
             max_element_bytes,
             elements: 0,
@@ -51,8 +54,7 @@ impl JsonArraySplitter {
         if self.invalid {
             return;
         }
-        let base = if self.top_array { 1 } else { 0 };
-        let mut capture_from = if self.depth > base { Some(0) } else { None };
+        let mut capture_from = if self.depth > self.base() { Some(0) } else { None };
         for (i, &byte) in chunk.iter().enumerate() {
             if self.in_string {
                 if self.escaped {
@@ -64,9 +66,14 @@ impl JsonArraySplitter {
                 }
                 continue;
             }
+            if self.done && !byte.is_ascii_whitespace() {
+                // Bytes after the top-level value ended.
+                self.invalid = true;
+                return;
+            }
             match byte {
                 b'"' => {
-                    if self.depth <= base {
+                    if self.depth <= self.base() {
                         // Strings are only valid inside elements.
                         self.invalid = true;
                         return;
@@ -82,8 +89,7 @@ impl JsonArraySplitter {
                             continue;
                         }
                     }
-                    let base = if self.top_array { 1 } else { 0 };
-                    if self.depth == base {
+                    if self.depth == self.base() {
                         capture_from = Some(i);
                         self.element.clear();
                         self.oversized = false;
@@ -96,18 +102,19 @@ impl JsonArraySplitter {
                         return;
                     }
                     self.depth -= 1;
-                    let base = if self.top_array { 1 } else { 0 };
-                    if self.depth == base {
+                    if self.depth == self.base() {
                         if let Some(from) = capture_from.take() {
                             self.append(&chunk[from..=i]);
                         }
                         self.emit(&mut on_element);
                     }
+                    if self.depth == 0 {
+                        self.done = true;
+                    }
                 }
                 b' ' | b'\t' | b'\r' | b'\n' | b',' => {}
                 _ => {
-                    let base = if self.top_array { 1 } else { 0 };
-                    if self.depth <= base {
+                    if self.depth <= self.base() {
                         // Scalars (numbers, literals) are only expected inside elements.
                         self.invalid = true;
                         return;
@@ -126,6 +133,11 @@ impl JsonArraySplitter {
             oversized_elements: self.oversized_elements,
             malformed: self.invalid || self.depth != 0 || self.in_string || !self.started,
         }
+    }
+
+    /// The depth at which elements start: 1 inside a top-level array, else 0.
+    fn base(&self) -> u32 {
+        u32::from(self.top_array)
     }
 
     fn append(&mut self, bytes: &[u8]) {

@@ -9,6 +9,7 @@
 pub mod accountant;
 pub mod anthropic;
 pub mod bedrock;
+pub mod estimate;
 pub mod eventstream;
 pub mod gemini;
 pub mod json_array;

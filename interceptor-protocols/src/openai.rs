@@ -138,6 +138,80 @@ fn carries_output(data: &[u8]) -> bool {
 }
 
 #[derive(Deserialize)]
+struct DeltaChunk<'a> {
+    #[serde(borrow, default)]
+    choices: Vec<DeltaChoice<'a>>,
+}
+
+#[derive(Deserialize)]
+struct DeltaChoice<'a> {
+    #[serde(borrow)]
+    delta: Option<Delta<'a>>,
+    /// Legacy completions stream `text`.
+    #[serde(borrow)]
+    text: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    refusal: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    reasoning_content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    tool_calls: Vec<ToolCallDelta<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ToolCallDelta<'a> {
+    #[serde(borrow)]
+    function: Option<FunctionDelta<'a>>,
+}
+
+#[derive(Deserialize)]
+struct FunctionDelta<'a> {
+    #[serde(borrow)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    arguments: Option<Cow<'a, str>>,
+}
+
+/// Appends the generated text of a chat/completions stream chunk (content, refusal, reasoning,
+/// tool-call names and arguments) to `out`, up to `max` bytes in all.
+pub fn chat_delta_text(data: &[u8], out: &mut String, max: usize) -> Result<(), serde_json::Error> {
+    if data == b"[DONE]" {
+        return Ok(());
+    }
+    let chunk: DeltaChunk<'_> = serde_json::from_slice(data)?;
+    let mut push = |text: &str| {
+        let room = max.saturating_sub(out.len());
+        out.push_str(&text[..crate::estimate::floor_char_boundary(text, room)]);
+    };
+    for choice in &chunk.choices {
+        if let Some(text) = &choice.text {
+            push(text);
+        }
+        let Some(delta) = &choice.delta else { continue };
+        for text in [&delta.content, &delta.refusal, &delta.reasoning_content]
+            .into_iter()
+            .flatten()
+        {
+            push(text);
+        }
+        for call in &delta.tool_calls {
+            if let Some(function) = &call.function {
+                for text in [&function.name, &function.arguments].into_iter().flatten() {
+                    push(text);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
 struct ResponsesEvent<'a> {
     #[serde(borrow, rename = "type")]
     kind: Option<Cow<'a, str>>,

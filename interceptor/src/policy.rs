@@ -100,8 +100,9 @@ pub enum StreamUsage {
     /// the stream again, so the client sees exactly what it asked for.
     #[default]
     Inject,
-    /// Forward the request unchanged; the usage is recorded as missing.
-    Off,
+    /// Forward the request unchanged and count the prompt and the delivered output with the model's
+    /// tokenizer (o200k_base / cl100k_base); the counts are marked `estimated`.
+    Estimate,
 }
 
 fn default_max_request_body() -> u64 {

@@ -8,6 +8,7 @@ pub mod connection;
 pub mod exchange;
 pub mod http;
 pub mod passthrough;
+pub mod record;
 pub mod request_body;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -335,3 +335,134 @@ async fn provider_errors_unknown_paths_and_malformed_bodies_are_recorded() {
         1.0
     );
 }
+
+/// The prompt tokens of one user message by OpenAI's cookbook rule, with o200k_base.
+fn prompt_tokens(content: &str) -> u64 {
+    let bpe = tiktoken_rs::o200k_base_singleton();
+    let count = |text: &str| bpe.encode_ordinary(text).len() as u64;
+    3 + count("user") + count(content) + 3
+}
+
+fn output_tokens(text: &str) -> u64 {
+    tiktoken_rs::o200k_base_singleton().encode_ordinary(text).len() as u64
+}
+
+/// The delta text of the chat chunks a client received.
+fn delivered_text(sse: &str) -> String {
+    sse.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+        .filter_map(|chunk| {
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn estimate_mode_counts_streams_with_the_tokenizer() {
+    if !tests::privileged_available("estimate_mode_counts_streams_with_the_tokenizer") {
+        return;
+    }
+    let policy = format!("{}accounting:\n  streamUsage: estimate\n", policy("open"));
+    let mut s = Scenario::start(&policy, &[]).expect("simulated node and daemon start");
+    let content = "Count these words, please.";
+    let body = format!(
+        r#"{{"model":"gpt-4o-mini","stream":true,"messages":[{{"role":"user","content":"{content}"}}]}}"#
+    );
+    let curl = s
+        .pod_curl_trusting(
+            "https://api.openai.com/v1/chat/completions",
+            &[
+                "-N",
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                &body,
+            ],
+        )
+        .expect("curl");
+    assert!(curl.success(), "{}", curl.describe());
+    assert_eq!(delivered_text(&curl.stdout()), REPLY.concat());
+    let line = s
+        .daemon
+        .wait_log(Duration::from_secs(10), |l| l["message"] == "request")
+        .expect("request line");
+    assert_eq!(line["usage_injected"], false, "{line}");
+    assert!(
+        s.provider.ledger.all().is_empty(),
+        "the request went out unchanged"
+    );
+    assert_eq!(line["usage_status"], "estimated", "{line}");
+    assert_eq!(line["estimated_with"], "o200k_base", "{line}");
+    assert_eq!(line["input_tokens"], prompt_tokens(content), "{line}");
+    assert_eq!(line["output_tokens"], output_tokens(&REPLY.concat()), "{line}");
+    assert_eq!(line["cost_status"], "priced", "{line}");
+    assert_eq!(
+        s.daemon
+            .metric("interceptor_usage_results_total{provider=\"openai\",result=\"estimated\"}")
+            .expect("scrape"),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_client_cancels_is_accounted_for_what_was_delivered() {
+    let Some(mut s) = scenario("a_stream_the_client_cancels_is_accounted_for_what_was_delivered") else {
+        return;
+    };
+    let content = "Tell me a long story.";
+    let body = format!(
+        r#"{{"model":"slow-stream","stream":true,"messages":[{{"role":"user","content":"{content}"}}]}}"#
+    );
+    // Chunks come 400 ms apart: the client gives up after about two of them.
+    let curl = s
+        .pod_curl_trusting(
+            "https://api.openai.com/v1/chat/completions",
+            &[
+                "-N",
+                "--max-time",
+                "1",
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                &body,
+            ],
+        )
+        .expect("curl");
+    assert_eq!(
+        curl.output.status.code(),
+        Some(28),
+        "curl timed out: {}",
+        curl.describe()
+    );
+    let received = delivered_text(&curl.stdout());
+    assert!(
+        !received.is_empty() && received != REPLY.concat(),
+        "{}",
+        curl.describe()
+    );
+    let line = s
+        .daemon
+        .wait_log(Duration::from_secs(10), |l| l["message"] == "request")
+        .expect("request line");
+    assert_eq!(line["usage_injected"], true, "{line}");
+    assert_eq!(line["usage_status"], "estimated", "{line}");
+    assert_eq!(line["input_tokens"], prompt_tokens(content), "{line}");
+    // What reached the client, or at most the one chunk in flight when it went away.
+    let delivered = output_tokens(&received);
+    let next = REPLY
+        .iter()
+        .scan(String::new(), |text, piece| {
+            text.push_str(piece);
+            Some(text.clone())
+        })
+        .find(|text| text.len() > received.len())
+        .map_or(delivered, |text| output_tokens(&text));
+    let counted = line["output_tokens"].as_u64().expect("output tokens");
+    assert!(
+        (delivered..=next).contains(&counted),
+        "counted {counted}, delivered {delivered} ({received:?}), next {next}: {line}"
+    );
+}

@@ -1,6 +1,7 @@
 //! `cargo xtask`: setup, build, run, test and bench for the interceptor workspace.
 
 mod bench;
+mod fuzz;
 mod setup;
 mod sh;
 
@@ -38,6 +39,14 @@ enum Command {
     },
     /// Run the whole test suite: formatting, lints, unit tests and the privileged end-to-end tests.
     Test,
+    /// Run the cargo-fuzz targets of the protocol parsers (nightly), each for a fixed time.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
     /// Benchmarks (ratios against a baseline measured in the same run).
     Bench {
         #[command(subcommand)]
@@ -64,6 +73,18 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Run { args } => run(&root, &args),
         Command::Test => test(&root),
+        Command::Fuzz { seconds, targets } => {
+            setup::run(&root, setup::Scope::All)?;
+            let targets = if targets.is_empty() {
+                fuzz::TARGETS.iter().map(|t| (*t).to_owned()).collect()
+            } else {
+                targets
+            };
+            let mut totals = sh::TestTotals::default();
+            let result = fuzz::run(&root, &targets, seconds, &mut totals);
+            println!("\n{} passed, {} failed", totals.passed, totals.failed);
+            result
+        }
         Command::Bench { which } => {
             setup::run(&root, setup::Scope::All)?;
             bench::run(&root, which)
@@ -142,9 +163,12 @@ fn test(root: &std::path::Path) -> anyhow::Result<()> {
         &[("INTERCEPTOR_BIN", binary.to_string_lossy().as_ref())],
         &mut totals,
     );
+    // Every network-facing parser runs under the fuzzer for a minute.
+    let all: Vec<String> = fuzz::TARGETS.iter().map(|t| (*t).to_owned()).collect();
+    let fuzzing = fuzz::run(root, &all, 60, &mut totals);
     println!(
         "\n{} passed, {} failed, {} skipped",
         totals.passed, totals.failed, totals.ignored
     );
-    unit.and(e2e)
+    unit.and(e2e).and(fuzzing)
 }

@@ -2,6 +2,7 @@
 //!
 //! * the nightly toolchain with `rust-src` (the eBPF crate is built with `-Z build-std=core`);
 //! * `bpf-linker`, built against the nightly's own libLLVM (no Debian LLVM is involved);
+//! * `cargo-fuzz` (pinned) for the parsers' fuzz targets;
 //! * Debian packages used by the tests and benchmarks;
 //! * a Python venv (`.venv`) with the official client SDKs pinned in `tests/python/requirements.txt`.
 
@@ -39,10 +40,34 @@ pub fn run(root: &Path, scope: Scope) -> anyhow::Result<()> {
     nightly()?;
     bpf_linker()?;
     if scope == Scope::All {
+        cargo_fuzz()?;
         debian_packages()?;
         python_venv(root)?;
     }
     Ok(())
+}
+
+/// The pinned cargo-fuzz (runs the parsers' fuzz targets).
+const CARGO_FUZZ_VERSION: &str = "0.13.1";
+
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let installed = sh::output(
+        &cargo_home().join("bin/cargo-fuzz").display().to_string(),
+        &["fuzz", "--version"],
+    );
+    if installed.is_some_and(|v| v.contains(CARGO_FUZZ_VERSION)) {
+        return Ok(());
+    }
+    println!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    sh::status(Command::new(cargo).args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+        "--force",
+    ]))
 }
 
 fn nightly() -> anyhow::Result<()> {

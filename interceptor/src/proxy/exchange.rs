@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use interceptor_protocols::estimate::Prompt;
 use interceptor_protocols::{Accounting, Adapter, Route};
-use tracing::info;
 
 use super::ProxyMetrics;
-use crate::accounting::{AccountingSettings, Priced};
+use super::record::Record;
+use crate::accounting::AccountingSettings;
 use crate::identity::{KernelFacts, ProcessDetails};
 
 /// What every request of a connection shares: who, where to.
@@ -36,6 +37,8 @@ pub struct RequestSide {
     pub usage_injected: bool,
     /// Why the body was forwarded unread, when it was.
     pub unread: Option<&'static str>,
+    /// The prompt text, kept for a tokenizer estimate (OpenAI-style streams).
+    pub prompt: Option<Prompt>,
 }
 
 /// Response headers worth keeping: request id and rate-limit state.
@@ -188,92 +191,24 @@ impl Drop for Exchange {
         self.metrics.requests_active.dec();
         self.metrics.requests.with_label_values(&[class]).inc();
         self.metrics.request_duration.observe(latency.as_secs_f64());
-        let facts = &self.conn.facts;
-        let details = &self.conn.details;
-        let outcome = self.outcome.get();
-        let request = self.request.get();
-        let response = self.response.get();
-        let requested_model = request.and_then(|r| r.model.as_deref());
-        let path_model = self
-            .route
-            .path_model
-            .as_deref()
-            .filter(|_| !self.route.path_model_is_deployment);
-        // The model the provider says it ran, else the one asked for.
-        let model = outcome
-            .and_then(|o| o.observation.model.as_deref())
-            .or(requested_model)
-            .or(path_model);
-        let usage = outcome.and_then(|o| o.usage);
-        let settings = &self.accounting;
-        let provider = &*self.conn.provider;
-        let priced = settings.price(provider, self.conn.adapter, model, usage.as_ref());
-        settings
-            .metrics
-            .record(provider, self.route.kind, status, outcome, &priced);
-        let ttft = self.time_to_first_token.get();
-        if let Some(ttft) = ttft {
-            settings
-                .metrics
-                .time_to_first_token
-                .with_label_values(&[provider])
-                .observe(ttft.as_secs_f64());
-        }
-        let (priced_as, cost_usd, cost_picodollars) = match &priced {
-            Priced::Priced { priced_as, cost } => (
-                Some(priced_as.as_str()),
-                Some(cost.usd()),
-                u64::try_from(cost.picodollars).ok(),
-            ),
-            _ => (None, None, None),
-        };
-        let error_info = outcome.and_then(|o| o.observation.error.as_ref());
-        info!(
-            host = %self.conn.sni,
-            provider,
-            kind = self.route.kind.name(),
-            model,
-            requested_model,
-            deployment = self.route.path_model.as_deref().filter(|_| self.route.path_model_is_deployment),
-            stream = outcome.map(|o| o.stream),
-            usage_status = outcome.map_or("none", |o| o.status.name()),
-            input_tokens = usage.map(|u| u.input_tokens),
-            cached_input_tokens = usage.map(|u| u.cached_input_tokens),
-            cache_write_tokens = usage.map(|u| u.cache_write_tokens),
-            output_tokens = usage.map(|u| u.output_tokens),
-            reasoning_tokens = usage.map(|u| u.reasoning_tokens),
-            cost_status = priced.status(),
-            priced_as,
-            cost_usd,
-            cost_picodollars,
-            ttft_ms = ttft.map(|d| d.as_secs_f64() * 1000.0),
-            usage_injected = request.map(|r| r.usage_injected),
-            request_body_unread = request.and_then(|r| r.unread),
-            request_id = response.and_then(|r| r.request_id.as_deref()),
-            response_id = outcome.and_then(|o| o.observation.response_id.as_deref()),
-            provider_error = error_info.map(|e| e.kind.as_str()),
-            provider_error_code = error_info.and_then(|e| e.code.as_deref()),
-            retry_after = response.and_then(|r| r.retry_after.as_deref()),
-            ratelimit_remaining_requests = response.and_then(|r| r.remaining_requests.as_deref()),
-            ratelimit_remaining_tokens = response.and_then(|r| r.remaining_tokens.as_deref()),
-            accounting_problem = outcome.and_then(|o| o.problem.as_deref()),
-            method = %self.method,
-            path = %self.path,
+        Record {
+            conn: self.conn.clone(),
+            settings: self.accounting.clone(),
+            route: self.route.clone(),
+            method: self.method.clone(),
+            path: std::mem::take(&mut self.path),
             status,
-            bytes_up = self.bytes_up.load(Ordering::Relaxed),
-            bytes_down = self.bytes_down.load(Ordering::Relaxed),
-            latency_ms = latency.as_secs_f64() * 1000.0,
-            ttfb_ms = self.ttfb.get().map(|d| d.as_secs_f64() * 1000.0),
-            error = self.error.get().map(String::as_str),
-            original_dst = %facts.original_dst,
-            tgid = facts.tgid,
-            uid = facts.uid,
-            comm = %facts.comm,
-            exe = details.exe.as_ref().map(|p| p.display().to_string()),
-            cgroup = details.cgroup.as_deref(),
-            cgroup_id = facts.cgroup_id,
-            "request"
-        );
+            latency,
+            ttfb: self.ttfb.get().copied(),
+            ttft: self.time_to_first_token.get().copied(),
+            bytes_up: self.bytes_up.load(Ordering::Relaxed),
+            bytes_down: self.bytes_down.load(Ordering::Relaxed),
+            error: self.error.take(),
+            request: self.request.take(),
+            response: self.response.take(),
+            outcome: self.outcome.take(),
+        }
+        .finish();
     }
 }
 

@@ -106,6 +106,7 @@ async fn handle(mut request: Request<Incoming>, ctx: &HttpContext) -> Response<C
         }
     };
     let strip_usage = prepared.usage_injected;
+    let collect_output = prepared.collect_output;
     let upstream_request = Request::from_parts(
         parts,
         Metered::new(prepared.body, exchange.clone(), Direction::Up),
@@ -157,13 +158,16 @@ async fn handle(mut request: Request<Incoming>, ctx: &HttpContext) -> Response<C
         strip_hop_by_hop(response.headers_mut(), false);
     }
     let settings = exchange.settings();
-    let accountant = ResponseAccountant::new(
+    let mut accountant = ResponseAccountant::new(
         ctx.conn.adapter,
         exchange.route(),
         response.status().as_u16(),
         response.headers(),
         settings.limits,
     );
+    if collect_output {
+        accountant.collect_output();
+    }
     let sse = response
         .headers()
         .get(header::CONTENT_TYPE)

@@ -13,6 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use interceptor_protocols::Dialect;
+use interceptor_protocols::estimate::Prompt;
 use interceptor_protocols::request::{inject_include_usage, probe};
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -86,6 +87,9 @@ impl Body for RequestBody {
 pub struct Prepared {
     pub body: RequestBody,
     pub usage_injected: bool,
+    /// An OpenAI-style stream: keep its generated text for a tokenizer estimate in case it ends
+    /// without usage (estimate mode, or a client that cancels before the usage chunk).
+    pub collect_output: bool,
 }
 
 /// Reads the body ahead when its JSON matters and it fits; records what it says on the exchange.
@@ -108,6 +112,7 @@ pub async fn prepare(
         Ok(Prepared {
             body: RequestBody::streaming(body),
             usage_injected: false,
+            collect_output: false,
         })
     };
     let json = headers
@@ -161,6 +166,7 @@ pub async fn prepare(
             _permit: Some(permit),
         },
         usage_injected,
+        collect_output: false,
     };
     if rest.is_some() {
         // Chunked body over the limit: forward it all without reading it.
@@ -195,7 +201,7 @@ pub async fn prepare(
         && route.dialect == Dialect::OpenaiChat
         && facts.stream
         && !facts.include_usage;
-    let mut head = buffer;
+    let mut head = buffer.clone();
     let mut usage_injected = false;
     if inject && let Ok(rewritten) = inject_include_usage(&head, &facts) {
         head = Bytes::from(rewritten);
@@ -205,11 +211,19 @@ pub async fn prepare(
             headers.insert(CONTENT_LENGTH, HeaderValue::from(head.len()));
         }
     }
+    let collect_output = facts.stream && route.dialect == Dialect::OpenaiChat;
+    // The prompt as sent by the client (before any injection).
+    let prompt = collect_output
+        .then(|| Prompt::from_request(&buffer).ok())
+        .flatten();
     exchange.requested(RequestSide {
         model: facts.model,
         stream: facts.stream,
         usage_injected,
         unread: None,
+        prompt,
     });
-    Ok(read_ahead(head, trailers, None, usage_injected))
+    let mut prepared = read_ahead(head, trailers, None, usage_injected);
+    prepared.collect_output = collect_output;
+    Ok(prepared)
 }

@@ -21,10 +21,18 @@ fn main() -> anyhow::Result<()> {
             let seconds = flag(&args, "--seconds").unwrap_or(5);
             proxy::run(seconds)
         }
-        _ => bail!("usage: interceptor-bench connect [--connections N] | proxy [--seconds N]"),
+        Some("parse") => {
+            let megabytes = flag(&args, "--megabytes").unwrap_or(64);
+            parse::run(megabytes)
+        }
+        _ => bail!(
+            "usage: interceptor-bench connect [--connections N] | proxy [--seconds N] | parse [--megabytes N]"
+        ),
     }
 }
 
+#[path = "bench/parse.rs"]
+mod parse;
 #[path = "bench/proxy.rs"]
 mod proxy;
 

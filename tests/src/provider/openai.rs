@@ -3,7 +3,8 @@
 //! chunk), the Responses API (JSON, and typed SSE events ending with `response.completed`) and
 //! Embeddings (float or base64). Every response carries `x-request-id`; JSON is gzip-compressed when
 //! the client accepts it. The model `rate-limited` gets a 429 with rate-limit headers; the model
-//! `broken-body` a 200 JSON body cut in the middle ([`BROKEN_BODY`]).
+//! `broken-body` a 200 JSON body cut in the middle ([`BROKEN_BODY`]); the model `slow-stream`
+//! streams its chunks [`SLOW_INTERVAL`] apart.
 
 use std::time::Duration;
 
@@ -33,6 +34,9 @@ fn with_request_id(mut response: Response<Body>, id: &str) -> Response<Body> {
         .insert("openai-processing-ms", HeaderValue::from_static("42"));
     response
 }
+
+/// Time between the chunks of the model `slow-stream`.
+pub const SLOW_INTERVAL: Duration = Duration::from_millis(400);
 
 /// The body sent for the model `broken-body`.
 pub const BROKEN_BODY: &str = r#"{"id":"chatcmpl-broken","model":"gpt-4o-mini","usage":{"prompt_tok"#;
@@ -131,7 +135,12 @@ pub async fn chat_completions(request: Request<Incoming>, ledger: &Ledger) -> Re
         return with_request_id(response, &id);
     }
     let events = chat_stream_events(&served, include_usage, &usage);
-    with_request_id(sse_response(events, Duration::from_millis(5)), &id)
+    let interval = if model == "slow-stream" {
+        SLOW_INTERVAL
+    } else {
+        Duration::from_millis(5)
+    };
+    with_request_id(sse_response(events, interval), &id)
 }
 
 pub async fn responses(request: Request<Incoming>, ledger: &Ledger) -> Response<Body> {

@@ -1,0 +1,169 @@
+//! The record of a finished exchange: priced, counted in the metrics and logged as one structured
+//! `request` line. A stream that ended without usage but with its text kept is first estimated with
+//! the tokenizer, on the blocking pool (CPU work stays off the I/O threads).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use interceptor_protocols::estimate::{Encoding, estimate};
+use interceptor_protocols::{Accounting, Route, UsageStatus};
+use tracing::info;
+
+use super::exchange::{ConnInfo, RequestSide, ResponseMeta};
+use crate::accounting::{AccountingSettings, Priced};
+
+/// Everything known about one exchange when its last body is gone.
+pub struct Record {
+    pub conn: Arc<ConnInfo>,
+    pub settings: Arc<AccountingSettings>,
+    pub route: Route,
+    pub method: http::Method,
+    pub path: String,
+    pub status: u16,
+    pub latency: Duration,
+    pub ttfb: Option<Duration>,
+    pub ttft: Option<Duration>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub error: Option<String>,
+    pub request: Option<RequestSide>,
+    pub response: Option<ResponseMeta>,
+    pub outcome: Option<Accounting>,
+}
+
+impl Record {
+    /// Estimates (off the I/O threads) if needed, then records.
+    pub fn finish(mut self) {
+        if !self.needs_estimate() {
+            self.emit(None);
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn_blocking(move || {
+                    let encoding = self.estimate();
+                    self.emit(Some(encoding));
+                });
+            }
+            Err(_) => {
+                let encoding = self.estimate();
+                self.emit(Some(encoding));
+            }
+        }
+    }
+
+    /// A stream that ended without usage, whose delivered text was kept.
+    fn needs_estimate(&self) -> bool {
+        self.outcome
+            .as_ref()
+            .is_some_and(|o| o.usage.is_none() && o.output_text.is_some() && o.status == UsageStatus::Missing)
+    }
+
+    /// The model the provider says it ran, else the one asked for, else the one in the path.
+    fn model(&self) -> Option<&str> {
+        let requested = self.request.as_ref().and_then(|r| r.model.as_deref());
+        let path_model = self
+            .route
+            .path_model
+            .as_deref()
+            .filter(|_| !self.route.path_model_is_deployment);
+        self.outcome
+            .as_ref()
+            .and_then(|o| o.observation.model.as_deref())
+            .or(requested)
+            .or(path_model)
+    }
+
+    /// Counts the prompt and the delivered output with the model's tokenizer.
+    fn estimate(&mut self) -> Encoding {
+        let model = self.model().unwrap_or_default().to_owned();
+        let encoding = Encoding::for_model(&model);
+        let prompt = self.request.as_ref().and_then(|r| r.prompt.as_ref());
+        if let Some(outcome) = self.outcome.as_mut() {
+            let output = outcome.output_text.as_deref().unwrap_or_default();
+            outcome.usage = Some(estimate(&model, prompt, output));
+            outcome.status = UsageStatus::Estimated;
+        }
+        encoding
+    }
+
+    fn emit(self, estimated_with: Option<Encoding>) {
+        let facts = &self.conn.facts;
+        let details = &self.conn.details;
+        let outcome = self.outcome.as_ref();
+        let request = self.request.as_ref();
+        let response = self.response.as_ref();
+        let model = self.model();
+        let usage = outcome.and_then(|o| o.usage);
+        let settings = &self.settings;
+        let provider = &*self.conn.provider;
+        let status = self.status;
+        let priced = settings.price(provider, self.conn.adapter, model, usage.as_ref());
+        settings
+            .metrics
+            .record(provider, self.route.kind, status, outcome, &priced);
+        if let Some(ttft) = self.ttft {
+            settings
+                .metrics
+                .time_to_first_token
+                .with_label_values(&[provider])
+                .observe(ttft.as_secs_f64());
+        }
+        let (priced_as, cost_usd, cost_picodollars) = match &priced {
+            Priced::Priced { priced_as, cost } => (
+                Some(priced_as.as_str()),
+                Some(cost.usd()),
+                u64::try_from(cost.picodollars).ok(),
+            ),
+            _ => (None, None, None),
+        };
+        let error_info = outcome.and_then(|o| o.observation.error.as_ref());
+        info!(
+            host = %self.conn.sni,
+            provider,
+            kind = self.route.kind.name(),
+            model,
+            requested_model = request.and_then(|r| r.model.as_deref()),
+            deployment = self.route.path_model.as_deref().filter(|_| self.route.path_model_is_deployment),
+            stream = outcome.map(|o| o.stream),
+            usage_status = outcome.map_or("none", |o| o.status.name()),
+            estimated_with = estimated_with.map(Encoding::name),
+            input_tokens = usage.map(|u| u.input_tokens),
+            cached_input_tokens = usage.map(|u| u.cached_input_tokens),
+            cache_write_tokens = usage.map(|u| u.cache_write_tokens),
+            output_tokens = usage.map(|u| u.output_tokens),
+            reasoning_tokens = usage.map(|u| u.reasoning_tokens),
+            cost_status = priced.status(),
+            priced_as,
+            cost_usd,
+            cost_picodollars,
+            ttft_ms = self.ttft.map(|d| d.as_secs_f64() * 1000.0),
+            usage_injected = request.map(|r| r.usage_injected),
+            request_body_unread = request.and_then(|r| r.unread),
+            request_id = response.and_then(|r| r.request_id.as_deref()),
+            response_id = outcome.and_then(|o| o.observation.response_id.as_deref()),
+            provider_error = error_info.map(|e| e.kind.as_str()),
+            provider_error_code = error_info.and_then(|e| e.code.as_deref()),
+            retry_after = response.and_then(|r| r.retry_after.as_deref()),
+            ratelimit_remaining_requests = response.and_then(|r| r.remaining_requests.as_deref()),
+            ratelimit_remaining_tokens = response.and_then(|r| r.remaining_tokens.as_deref()),
+            accounting_problem = outcome.and_then(|o| o.problem.as_deref()),
+            method = %self.method,
+            path = %self.path,
+            status,
+            bytes_up = self.bytes_up,
+            bytes_down = self.bytes_down,
+            latency_ms = self.latency.as_secs_f64() * 1000.0,
+            ttfb_ms = self.ttfb.map(|d| d.as_secs_f64() * 1000.0),
+            error = self.error.as_deref(),
+            original_dst = %facts.original_dst,
+            tgid = facts.tgid,
+            uid = facts.uid,
+            comm = %facts.comm,
+            exe = details.exe.as_ref().map(|p| p.display().to_string()),
+            cgroup = details.cgroup.as_deref(),
+            cgroup_id = facts.cgroup_id,
+            "request"
+        );
+    }
+}
