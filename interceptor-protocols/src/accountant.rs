@@ -82,8 +82,52 @@ pub struct Accounting {
     pub stream: bool,
     /// Why the body could not be read, when it could not.
     pub problem: Option<String>,
-    /// The generated text the stream delivered, when collected for an estimate.
-    pub output_text: Option<String>,
+    /// The stream's events as delivered, kept (bounded) for a tokenizer estimate.
+    pub kept_events: Option<KeptEvents>,
+}
+
+/// Raw data of the chat events a stream delivered, kept without parsing (the hot path only copies);
+/// parsed into text only when an estimate is needed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeptEvents {
+    /// Each event as a little-endian u32 length and its bytes.
+    data: Vec<u8>,
+    /// Events were left out: the estimate is a lower bound.
+    pub truncated: bool,
+}
+
+impl KeptEvents {
+    /// Most bytes kept (raw JSON, about four times the text it carries).
+    pub const MAX_BYTES: usize = 4 * crate::estimate::MAX_TEXT_BYTES;
+
+    fn push(&mut self, event: &[u8]) {
+        let Ok(len) = u32::try_from(event.len()) else {
+            self.truncated = true;
+            return;
+        };
+        if self.data.len() + 4 + event.len() > Self::MAX_BYTES {
+            self.truncated = true;
+            return;
+        }
+        self.data.extend_from_slice(&len.to_le_bytes());
+        self.data.extend_from_slice(event);
+    }
+
+    /// The generated text of the kept events (content, refusals, reasoning, tool calls).
+    pub fn output_text(&self) -> String {
+        let mut text = String::new();
+        let mut rest = self.data.as_slice();
+        while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+            let len = u32::from_le_bytes(*len) as usize;
+            let Some((event, tail)) = tail.split_at_checked(len) else {
+                break;
+            };
+            // Events that are not chat chunks ([DONE], errors) carry no text.
+            let _ = openai::chat_delta_text(event, &mut text, crate::estimate::MAX_TEXT_BYTES);
+            rest = tail;
+        }
+        text
+    }
 }
 
 enum Framing {
@@ -97,8 +141,8 @@ enum Framing {
 /// The decoded-body side: framing plus extractor.
 struct Reader {
     dialect: Dialect,
-    /// Generated text, collected (OpenAI-style streams) when an estimate may be needed.
-    output_text: Option<String>,
+    /// Raw chat events, kept (OpenAI-style streams) when an estimate may be needed.
+    kept_events: Option<KeptEvents>,
     framing: Framing,
     observation: Observation,
     output_seen: bool,
@@ -110,7 +154,7 @@ impl Reader {
     fn consume(&mut self, chunk: &[u8]) {
         let Reader {
             dialect,
-            output_text,
+            kept_events,
             framing,
             observation,
             output_seen,
@@ -126,11 +170,8 @@ impl Reader {
         };
         match framing {
             Framing::Sse(parser) => parser.feed(chunk, |event| {
-                if let Some(text) = output_text.as_mut()
-                    && *dialect == Dialect::OpenaiChat
-                    && let Err(e) = openai::chat_delta_text(event.data, text, crate::estimate::MAX_TEXT_BYTES)
-                {
-                    note(Err(format!("SSE event {:?}: {e}", event.event)));
+                if let Some(kept) = kept_events.as_mut() {
+                    kept.push(event.data);
                 }
                 note(sse_event(*dialect, observation, event))
             }),
@@ -254,7 +295,7 @@ impl Decoder {
 fn dummy_reader() -> Reader {
     Reader {
         dialect: Dialect::Opaque,
-        output_text: None,
+        kept_events: None,
         framing: Framing::Skip,
         observation: Observation::default(),
         output_seen: false,
@@ -318,7 +359,7 @@ impl ResponseAccountant {
         let expects_usage = success && reports_usage && !matches!(framing, Framing::Skip);
         let mut reader = Reader {
             dialect,
-            output_text: None,
+            kept_events: None,
             framing,
             observation: Observation::default(),
             output_seen: false,
@@ -358,18 +399,31 @@ impl ResponseAccountant {
         }
     }
 
+    /// A reader that reads nothing (accounting switched off).
+    pub fn disabled() -> Self {
+        Self {
+            decoder: Some(Decoder::Identity(Box::new(dummy_reader()))),
+            salvaged: None,
+            decode_error: None,
+            unsupported_encoding: None,
+            expects_usage: false,
+            stream: false,
+            first_output_reported: false,
+        }
+    }
+
     /// Whether the response is a stream.
     pub fn is_stream(&self) -> bool {
         self.stream
     }
 
-    /// Keeps the generated text of an OpenAI-style stream (for a tokenizer estimate when the
-    /// stream ends without usage). Costs one JSON parse per event.
+    /// Keeps the events of an OpenAI-style stream (for a tokenizer estimate when the stream ends
+    /// without usage). Costs one copy per event; parsing waits until an estimate is needed.
     pub fn collect_output(&mut self) {
         if let Some(decoder) = self.decoder.as_mut() {
             let reader = decoder.reader();
             if reader.dialect == Dialect::OpenaiChat && matches!(reader.framing, Framing::Sse(_)) {
-                reader.output_text.get_or_insert_with(String::new);
+                reader.kept_events.get_or_insert_with(KeptEvents::default);
             }
         }
     }
@@ -428,7 +482,7 @@ impl ResponseAccountant {
             status,
             stream: self.stream,
             problem,
-            output_text: reader.output_text.take(),
+            kept_events: reader.kept_events.take(),
         }
     }
 }

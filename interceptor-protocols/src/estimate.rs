@@ -181,7 +181,7 @@ pub fn estimate(model: &str, prompt: Option<&Prompt>, output: &str) -> Usage {
 }
 
 /// The largest index ≤ `max` that is a char boundary of `text`.
-pub(crate) fn floor_char_boundary(text: &str, max: usize) -> usize {
+pub fn floor_char_boundary(text: &str, max: usize) -> usize {
     if max >= text.len() {
         return text.len();
     }

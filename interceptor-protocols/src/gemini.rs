@@ -5,7 +5,11 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
+use crate::needle::{Needle, needle};
 use crate::usage::{Observation, PartialUsage, Signal};
+
+static TEXT_KEY: Needle = needle!(b"\"text\"");
+static FUNCTION_CALL_KEY: Needle = needle!(b"\"functionCall\"");
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -71,8 +75,7 @@ pub fn body(observation: &mut Observation, body: &[u8]) -> Result<(), serde_json
 
 /// One streamed response chunk (an SSE `data:` or an element of the JSON array).
 pub fn chunk(observation: &mut Observation, data: &[u8]) -> Result<Signal, serde_json::Error> {
-    let output = memchr::memmem::find(data, b"\"text\"").is_some()
-        || memchr::memmem::find(data, b"\"functionCall\"").is_some();
+    let output = TEXT_KEY.found_in(data) || FUNCTION_CALL_KEY.found_in(data);
     let response: Response<'_> = serde_json::from_slice(data)?;
     apply(observation, response);
     Ok(Signal { output })

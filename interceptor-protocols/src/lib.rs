@@ -13,6 +13,7 @@ pub mod estimate;
 pub mod eventstream;
 pub mod gemini;
 pub mod json_array;
+mod needle;
 pub mod openai;
 pub mod pricing;
 pub mod request;

@@ -5,7 +5,19 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
+use crate::needle::{Needle, needle};
 use crate::usage::{Observation, PartialUsage, Signal};
+
+static USAGE_OBJECT: Needle = needle!(b"\"usage\":{");
+static USAGE_OBJECT_SPACED: Needle = needle!(b"\"usage\": {");
+static ERROR_KEY: Needle = needle!(b"\"error\"");
+static TOOL_CALLS: Needle = needle!(b"\"tool_calls\":[");
+static OUTPUT_KEYS: [Needle; 4] = [
+    needle!(b"\"content\":\""),
+    needle!(b"\"text\":\""),
+    needle!(b"\"reasoning_content\":\""),
+    needle!(b"\"refusal\":\""),
+];
 
 /// Both usage shapes: chat/completions/embeddings (`prompt_tokens`) and Responses/images/audio
 /// (`input_tokens`).
@@ -114,9 +126,9 @@ pub fn chat_event(observation: &mut Observation, data: &[u8]) -> Result<Signal, 
     let output = carries_output(data);
     // Only the first chunk (model, id), usage chunks and errors need a full parse.
     if observation.model.is_none()
-        || memchr::memmem::find(data, b"\"usage\":{").is_some()
-        || memchr::memmem::find(data, b"\"usage\": {").is_some()
-        || memchr::memmem::find(data, b"\"error\"").is_some()
+        || USAGE_OBJECT.found_in(data)
+        || USAGE_OBJECT_SPACED.found_in(data)
+        || ERROR_KEY.found_in(data)
     {
         let response: Response<'_> = serde_json::from_slice(data)?;
         apply(observation, response);
@@ -126,15 +138,10 @@ pub fn chat_event(observation: &mut Observation, data: &[u8]) -> Result<Signal, 
 
 /// Whether a chat chunk delivers generated text, a refusal, reasoning or a tool call.
 fn carries_output(data: &[u8]) -> bool {
-    const KEYS: [&[u8]; 4] = [
-        b"\"content\":\"",
-        b"\"text\":\"",
-        b"\"reasoning_content\":\"",
-        b"\"refusal\":\"",
-    ];
-    KEYS.iter()
-        .any(|key| memchr::memmem::find_iter(data, key).any(|at| data.get(at + key.len()) != Some(&b'"')))
-        || memchr::memmem::find(data, b"\"tool_calls\":[").is_some()
+    OUTPUT_KEYS.iter().any(|key| {
+        key.positions(data)
+            .any(|at| data.get(at + key.len()) != Some(&b'"'))
+    }) || TOOL_CALLS.found_in(data)
 }
 
 #[derive(Deserialize)]

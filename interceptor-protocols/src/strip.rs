@@ -6,6 +6,11 @@
 
 use memchr::memchr2;
 
+use crate::needle::{Needle, needle};
+
+static EMPTY_CHOICES: [Needle; 2] = [needle!(br#""choices":[]"#), needle!(br#""choices": []"#)];
+static USAGE_OBJECT: [Needle; 2] = [needle!(br#""usage":{"#), needle!(br#""usage": {"#)];
+
 /// The filter's state across chunks.
 #[derive(Debug)]
 pub struct UsageChunkStripper {
@@ -107,8 +112,7 @@ fn filter_event(event: &[u8], out: &mut Vec<u8>, dropped: &mut u32) {
 
 /// The usage chunk OpenAI appends when asked: `"choices":[]` and a `usage` object.
 fn is_usage_only_chunk(json: &[u8]) -> bool {
-    let has = |needle: &[u8]| memchr::memmem::find(json, needle).is_some();
-    (has(br#""choices":[]"#) || has(br#""choices": []"#)) && (has(br#""usage":{"#) || has(br#""usage": {"#))
+    EMPTY_CHOICES.iter().any(|n| n.found_in(json)) && USAGE_OBJECT.iter().any(|n| n.found_in(json))
 }
 
 /// Removes the top-level member `"name": null` from a JSON object, with one adjacent comma.

@@ -164,7 +164,23 @@ impl TopLevelFields {
     /// the byte that ends a scalar).
     fn value_bytes(&mut self, mut value: Value, input: &[u8]) -> usize {
         let mut end = None;
-        for (i, &byte) in input.iter().enumerate() {
+        let mut i = 0;
+        while i < input.len() {
+            // Inside a string, jump to the next quote or backslash: most bytes of a body are text.
+            let in_string = match value {
+                Value::String { escaped } => !escaped,
+                Value::Container {
+                    in_string, escaped, ..
+                } => in_string && !escaped,
+                Value::Scalar => false,
+            };
+            if in_string {
+                match memchr::memchr2(b'"', b'\\', &input[i..]) {
+                    Some(offset) => i += offset,
+                    None => break,
+                }
+            }
+            let byte = input[i];
             match &mut value {
                 Value::String { escaped } => {
                     if *escaped {
@@ -211,6 +227,7 @@ impl TopLevelFields {
                     }
                 }
             }
+            i += 1;
         }
         match end {
             Some(consumed) => {

@@ -1,9 +1,12 @@
 //! Token and cost accounting in the daemon: the settings and price table the proxy uses, the
 //! metrics, and pricing of a finished exchange.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
-use interceptor_protocols::{Accounting, Adapter, EndpointKind, Limits, PriceTable, Usage, UsageStatus};
+use interceptor_protocols::{
+    Accounting, Adapter, EndpointKind, Limits, PriceTable, PricedModel, Usage, UsageStatus,
+};
 use prometheus::{CounterVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 use tokio::sync::Semaphore;
 
@@ -11,7 +14,11 @@ use crate::policy::{Policy, StreamUsage};
 
 /// Accounting settings shared by every connection.
 pub struct AccountingSettings {
+    /// Bodies are read for accounting (the policy's `accounting.enabled`).
+    pub enabled: bool,
     pub prices: PriceTable,
+    /// Resolved (provider, model) → price, so dated names are normalised once, not per request.
+    resolved: RwLock<HashMap<(String, String), Option<PricedModel>>>,
     pub stream_usage: StreamUsage,
     pub max_request_body: u64,
     /// Request-body memory left, in KiB permits.
@@ -28,7 +35,9 @@ impl AccountingSettings {
             .unwrap_or(Semaphore::MAX_PERMITS)
             .min(Semaphore::MAX_PERMITS);
         Ok(Self {
+            enabled: accounting.enabled,
             prices,
+            resolved: RwLock::new(HashMap::new()),
             stream_usage: accounting.stream_usage,
             max_request_body: accounting.max_request_body_bytes,
             request_budget: Arc::new(Semaphore::new(budget_kib)),
@@ -52,6 +61,23 @@ impl AccountingSettings {
         let Some(model) = model else {
             return Priced::UnknownModel;
         };
+        let Some(priced) = self.resolve(provider, adapter, model) else {
+            return Priced::UnknownModel;
+        };
+        Priced::Priced {
+            cost: priced.cost(usage),
+            priced_as: priced.priced_as,
+        }
+    }
+
+    /// The price of `model` for `provider`, from the cache or the table.
+    fn resolve(&self, provider: &str, adapter: Adapter, model: &str) -> Option<PricedModel> {
+        let key = (provider.to_owned(), model.to_owned());
+        if let Ok(resolved) = self.resolved.read()
+            && let Some(found) = resolved.get(&key)
+        {
+            return found.clone();
+        }
         let family = match adapter {
             Adapter::Openai | Adapter::AzureOpenai => Some("openai"),
             Adapter::Anthropic => Some("anthropic"),
@@ -64,15 +90,19 @@ impl AccountingSettings {
         let found = std::iter::once(provider)
             .chain(family)
             .find_map(|section| self.prices.lookup(section, model));
-        match found {
-            Some(priced) => Priced::Priced {
-                cost: priced.cost(usage),
-                priced_as: priced.priced_as,
-            },
-            None => Priced::UnknownModel,
+        if let Ok(mut resolved) = self.resolved.write() {
+            // Model names come from traffic: keep the cache bounded.
+            if resolved.len() >= RESOLVED_CACHE_ENTRIES {
+                resolved.clear();
+            }
+            resolved.insert(key, found.clone());
         }
+        found
     }
 }
+
+/// Distinct (provider, model) names whose price lookups are remembered.
+const RESOLVED_CACHE_ENTRIES: usize = 4096;
 
 /// The cost of an exchange, or why there is none.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -219,11 +249,11 @@ impl AccountingMetrics {
         self.usage.with_label_values(&[provider, result.name()]).inc();
         let error_type = accounting
             .and_then(|a| a.observation.error.as_ref())
-            .map(|e| e.kind.as_str());
+            .map(|e| label_value(&e.kind));
         if status >= 400 || error_type.is_some() {
             let status = status.to_string();
             self.provider_errors
-                .with_label_values(&[provider, &status, error_type.unwrap_or("")])
+                .with_label_values(&[provider, &status, error_type.as_deref().unwrap_or("")])
                 .inc();
         }
         let Some(usage) = accounting.and_then(|a| a.usage) else {
@@ -254,5 +284,97 @@ impl AccountingMetrics {
                     .inc_by(count);
             }
         }
+    }
+}
+
+/// A label value from provider-controlled text: at most 64 characters of `[A-Za-z0-9_.-]` (others
+/// become `_`), so a misbehaving upstream cannot blow up the metrics' cardinality or format.
+fn label_value(text: &str) -> String {
+    text.chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_bounded_and_plain() {
+        assert_eq!(label_value("rate_limit_error"), "rate_limit_error");
+        assert_eq!(label_value("bad \"type\"\n"), "bad__type__");
+        assert_eq!(label_value(&"x".repeat(500)).len(), 64);
+    }
+
+    fn settings(policy: &str) -> AccountingSettings {
+        let policy = Policy::parse(policy, "test.yaml").expect("policy");
+        let registry = Registry::new();
+        AccountingSettings::from_policy(&policy, AccountingMetrics::register(&registry).expect("metrics"))
+            .expect("settings")
+    }
+
+    const HEADER: &str = "apiVersion: interceptor.dev/v1alpha1\nkind: InterceptorPolicy\n";
+
+    #[test]
+    fn provider_sections_win_and_families_are_the_fallback() {
+        let settings = settings(&format!(
+            "{HEADER}pricing:\n  azure-openai:\n    models:\n      gpt-4o: {{input: 5, output: 15}}\n"
+        ));
+        let usage = Usage {
+            input_tokens: 1_000_000,
+            output_tokens: 0,
+            ..Default::default()
+        };
+        let azure = settings.price(
+            "azure-openai",
+            Adapter::AzureOpenai,
+            Some("gpt-4o-2024-08-06"),
+            Some(&usage),
+        );
+        assert!(
+            matches!(&azure, Priced::Priced { cost, .. } if cost.picodollars == 5_000_000_000_000),
+            "{azure:?}"
+        );
+        // Not in the Azure section: the OpenAI family's price.
+        let mini = settings.price(
+            "azure-openai",
+            Adapter::AzureOpenai,
+            Some("gpt-4o-mini"),
+            Some(&usage),
+        );
+        assert!(
+            matches!(&mini, Priced::Priced { priced_as, .. } if priced_as == "gpt-4o-mini"),
+            "{mini:?}"
+        );
+        let claude = settings.price(
+            "vertex-ai",
+            Adapter::VertexAi,
+            Some("claude-sonnet-4@20250514"),
+            Some(&usage),
+        );
+        assert!(
+            matches!(&claude, Priced::Priced { priced_as, .. } if priced_as == "claude-sonnet-4"),
+            "{claude:?}"
+        );
+        assert_eq!(
+            settings.price(
+                "groq",
+                Adapter::OpenaiCompatible,
+                Some("llama-3.3-70b"),
+                Some(&usage)
+            ),
+            Priced::UnknownModel
+        );
+        assert_eq!(
+            settings.price("openai", Adapter::Openai, Some("gpt-4o"), None),
+            Priced::NoUsage
+        );
     }
 }

@@ -69,6 +69,10 @@ pub struct Policy {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Accounting {
+    /// Read provider bodies for usage, model and cost (default `true`). With `false` requests are
+    /// still proxied and logged, without reading any body.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
     /// OpenAI-style streams whose client did not ask for usage.
     #[serde(default)]
     pub stream_usage: StreamUsage,
@@ -85,6 +89,7 @@ pub struct Accounting {
 impl Default for Accounting {
     fn default() -> Self {
         Self {
+            enabled: true,
             stream_usage: StreamUsage::default(),
             max_request_body_bytes: default_max_request_body(),
             request_buffer_budget_bytes: default_request_buffer_budget(),

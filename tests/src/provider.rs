@@ -123,6 +123,8 @@ async fn serve_tls(
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
+        // As real API front ends do: small SSE events go out at once.
+        let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         let seen = seen.clone();
         let ledger = ledger.clone();

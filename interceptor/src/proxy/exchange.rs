@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::HeaderValue;
 use http_body::{Body, Frame, SizeHint};
 use interceptor_protocols::estimate::Prompt;
 use interceptor_protocols::{Accounting, Adapter, Route};
@@ -41,25 +42,19 @@ pub struct RequestSide {
     pub prompt: Option<Prompt>,
 }
 
-/// Response headers worth keeping: request id and rate-limit state.
+/// Response headers worth keeping: request id and rate-limit state (values shared with the
+/// response, not copied).
 #[derive(Debug, Default)]
 pub struct ResponseMeta {
-    pub request_id: Option<String>,
-    pub retry_after: Option<String>,
-    pub remaining_requests: Option<String>,
-    pub remaining_tokens: Option<String>,
+    pub request_id: Option<HeaderValue>,
+    pub retry_after: Option<HeaderValue>,
+    pub remaining_requests: Option<HeaderValue>,
+    pub remaining_tokens: Option<HeaderValue>,
 }
 
 impl ResponseMeta {
     pub fn from_headers(headers: &http::HeaderMap) -> Self {
-        let first = |names: &[&str]| {
-            names.iter().find_map(|name| {
-                headers
-                    .get(*name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(|v| v.chars().take(128).collect::<String>())
-            })
-        };
+        let first = |names: &[&str]| names.iter().find_map(|name| headers.get(*name).cloned());
         Self {
             request_id: first(&[
                 "x-request-id",
@@ -79,6 +74,12 @@ impl ResponseMeta {
             ]),
         }
     }
+}
+
+/// A header value for a log field: text, at most 128 bytes.
+pub fn header_text(value: Option<&HeaderValue>) -> Option<&str> {
+    let text = value?.to_str().ok()?;
+    Some(&text[..interceptor_protocols::estimate::floor_char_boundary(text, 128)])
 }
 
 /// The record of one exchange. Emitted when the last reference (the bodies) is dropped.

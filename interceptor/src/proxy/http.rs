@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 
 use hyper_util::client::legacy::Client;
 use interceptor_protocols::strip::UsageChunkStripper;
-use interceptor_protocols::{ResponseAccountant, classify};
+use interceptor_protocols::{Dialect, ResponseAccountant, classify};
 
 use super::ProxyMetrics;
 use super::accounted::Accounted;
@@ -58,12 +58,16 @@ where
 }
 
 async fn handle(mut request: Request<Incoming>, ctx: &HttpContext) -> Response<ClientBody> {
-    let route = classify(
+    let mut route = classify(
         ctx.conn.adapter,
         request.method().as_str(),
         request.uri().path(),
         request.uri().query().unwrap_or(""),
     );
+    if !ctx.accounting.enabled {
+        // Proxy and log only: no body is read.
+        route.dialect = Dialect::Opaque;
+    }
     let exchange = Exchange::start(
         ctx.conn.clone(),
         ctx.metrics.clone(),
@@ -158,13 +162,17 @@ async fn handle(mut request: Request<Incoming>, ctx: &HttpContext) -> Response<C
         strip_hop_by_hop(response.headers_mut(), false);
     }
     let settings = exchange.settings();
-    let mut accountant = ResponseAccountant::new(
-        ctx.conn.adapter,
-        exchange.route(),
-        response.status().as_u16(),
-        response.headers(),
-        settings.limits,
-    );
+    let mut accountant = if settings.enabled {
+        ResponseAccountant::new(
+            ctx.conn.adapter,
+            exchange.route(),
+            response.status().as_u16(),
+            response.headers(),
+            settings.limits,
+        )
+    } else {
+        ResponseAccountant::disabled()
+    };
     if collect_output {
         accountant.collect_output();
     }

@@ -9,7 +9,7 @@ use interceptor_protocols::estimate::{Encoding, estimate};
 use interceptor_protocols::{Accounting, Route, UsageStatus};
 use tracing::info;
 
-use super::exchange::{ConnInfo, RequestSide, ResponseMeta};
+use super::exchange::{ConnInfo, RequestSide, ResponseMeta, header_text};
 use crate::accounting::{AccountingSettings, Priced};
 
 /// Everything known about one exchange when its last body is gone.
@@ -56,7 +56,7 @@ impl Record {
     fn needs_estimate(&self) -> bool {
         self.outcome
             .as_ref()
-            .is_some_and(|o| o.usage.is_none() && o.output_text.is_some() && o.status == UsageStatus::Missing)
+            .is_some_and(|o| o.usage.is_none() && o.kept_events.is_some() && o.status == UsageStatus::Missing)
     }
 
     /// The model the provider says it ran, else the one asked for, else the one in the path.
@@ -80,8 +80,12 @@ impl Record {
         let encoding = Encoding::for_model(&model);
         let prompt = self.request.as_ref().and_then(|r| r.prompt.as_ref());
         if let Some(outcome) = self.outcome.as_mut() {
-            let output = outcome.output_text.as_deref().unwrap_or_default();
-            outcome.usage = Some(estimate(&model, prompt, output));
+            let output = outcome
+                .kept_events
+                .as_ref()
+                .map(|kept| kept.output_text())
+                .unwrap_or_default();
+            outcome.usage = Some(estimate(&model, prompt, &output));
             outcome.status = UsageStatus::Estimated;
         }
         encoding
@@ -140,13 +144,13 @@ impl Record {
             ttft_ms = self.ttft.map(|d| d.as_secs_f64() * 1000.0),
             usage_injected = request.map(|r| r.usage_injected),
             request_body_unread = request.and_then(|r| r.unread),
-            request_id = response.and_then(|r| r.request_id.as_deref()),
+            request_id = header_text(response.and_then(|r| r.request_id.as_ref())),
             response_id = outcome.and_then(|o| o.observation.response_id.as_deref()),
             provider_error = error_info.map(|e| e.kind.as_str()),
             provider_error_code = error_info.and_then(|e| e.code.as_deref()),
-            retry_after = response.and_then(|r| r.retry_after.as_deref()),
-            ratelimit_remaining_requests = response.and_then(|r| r.remaining_requests.as_deref()),
-            ratelimit_remaining_tokens = response.and_then(|r| r.remaining_tokens.as_deref()),
+            retry_after = header_text(response.and_then(|r| r.retry_after.as_ref())),
+            ratelimit_remaining_requests = header_text(response.and_then(|r| r.remaining_requests.as_ref())),
+            ratelimit_remaining_tokens = header_text(response.and_then(|r| r.remaining_tokens.as_ref())),
             accounting_problem = outcome.and_then(|o| o.problem.as_deref()),
             method = %self.method,
             path = %self.path,

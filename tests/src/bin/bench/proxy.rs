@@ -1,7 +1,8 @@
 //! `bench proxy`: wrk in a pod against a simulated provider, for a non-streaming and a streaming chat
-//! completion at concurrency 1, 16 and 64, through three paths measured in the same run and
-//! interleaved (A B C C B A): direct (interception off), intercepted (one worker thread), and a
-//! reference TLS hop (Debian's nginx, one worker, TLS to the provider with upstream keep-alive).
+//! completion at concurrency 1, 16 and 64, through four paths measured in the same run and
+//! interleaved (A B D C C D B A): direct (interception off), intercepted (one worker thread),
+//! intercepted with accounting off (its CPU is the baseline of accounting's cost), and a reference
+//! TLS hop (Debian's nginx, one worker, TLS to the provider with upstream keep-alive).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -33,6 +34,8 @@ const WORKLOADS: [(&str, &str); 2] = [
 enum Path3 {
     Direct,
     Intercepted,
+    /// Intercepted with `accounting.enabled: false`.
+    NoAccounting,
     Nginx,
 }
 
@@ -95,22 +98,29 @@ pub fn run(seconds: u32) -> anyhow::Result<()> {
     for path in [
         Path3::Direct,
         Path3::Intercepted,
+        Path3::NoAccounting,
         Path3::Nginx,
         Path3::Nginx,
+        Path3::NoAccounting,
         Path3::Intercepted,
         Path3::Direct,
     ] {
-        let daemon = if path == Path3::Intercepted {
-            let daemon = Daemon::start(&node.dir, &policy("open"), true, &daemon_args)?;
-            std::thread::sleep(Duration::from_millis(300));
-            idle_rss_kb = idle_rss_kb.max(rss_kb(daemon.pid)?);
-            Some(daemon)
-        } else {
-            None
+        let daemon = match path {
+            Path3::Intercepted | Path3::NoAccounting => {
+                let mut policy = policy("open");
+                if path == Path3::NoAccounting {
+                    policy.push_str("accounting:\n  enabled: false\n");
+                }
+                let daemon = Daemon::start(&node.dir, &policy, true, &daemon_args)?;
+                std::thread::sleep(Duration::from_millis(300));
+                idle_rss_kb = idle_rss_kb.max(rss_kb(daemon.pid)?);
+                Some(daemon)
+            }
+            _ => None,
         };
         let cpu_pid = match path {
             Path3::Direct => None,
-            Path3::Intercepted => daemon.as_ref().map(|d| d.pid),
+            Path3::Intercepted | Path3::NoAccounting => daemon.as_ref().map(|d| d.pid),
             Path3::Nginx => Some(nginx.worker_pid()?),
         };
         for (name, body) in WORKLOADS {
@@ -144,7 +154,7 @@ pub fn run(seconds: u32) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "bench proxy: wrk in a pod, {seconds}s per run, phases A B C C B A (A direct, B intercepted, C nginx)"
+        "bench proxy: wrk in a pod, {seconds}s per run, phases A B D C C D B A (A direct, B intercepted, D intercepted without accounting, C nginx)"
     );
     println!(
         "{:<12} {:>4} {:<12} {:>10} {:>9} {:>9} {:>11} {:>11} {:>12}",
@@ -153,7 +163,12 @@ pub fn run(seconds: u32) -> anyhow::Result<()> {
     for (name, _) in WORKLOADS {
         for concurrency in CONCURRENCY {
             let direct = mean_of(&results, name, concurrency, Path3::Direct);
-            for path in [Path3::Direct, Path3::Intercepted, Path3::Nginx] {
+            for path in [
+                Path3::Direct,
+                Path3::Intercepted,
+                Path3::NoAccounting,
+                Path3::Nginx,
+            ] {
                 let s = mean_of(&results, name, concurrency, path);
                 println!(
                     "{name:<12} {concurrency:>4} {:<12} {:>10.0} {:>9.2} {:>9.2} {:>11.2} {:>11.2} {:>12}",
@@ -171,7 +186,14 @@ pub fn run(seconds: u32) -> anyhow::Result<()> {
                 );
             }
             let intercepted = mean_of(&results, name, concurrency, Path3::Intercepted);
+            let unaccounted = mean_of(&results, name, concurrency, Path3::NoAccounting);
             let nginx = mean_of(&results, name, concurrency, Path3::Nginx);
+            println!(
+                "{:<12} {:>4} accounting CPU: {:+.1}% per request (target <= +5%)",
+                "",
+                "",
+                (intercepted.3 / unaccounted.3.max(f64::MIN_POSITIVE) - 1.0) * 100.0
+            );
             println!(
                 "{:<12} {:>4} ratios: intercepted/nginx throughput x{:.2}, added p50 intercepted {:.2} ms vs nginx {:.2} ms, added p99 {:.2} vs {:.2} ms",
                 "",
