@@ -27,6 +27,13 @@ const NODE_LABEL: &str = "lo:ict";
 /// Removes everything a crashed run left behind: stray daemons, namespaces, interfaces, cgroups, pins.
 pub fn cleanup_stale() {
     quiet("pkill", &["-KILL", "-f", "--", "bpffs-dir /sys/fs/bpf/ict-"]);
+    // The benchmark's reference nginx: its master (config under the run's directory), then workers
+    // orphaned by a killed master (a system nginx's workers have their master as parent).
+    quiet("pkill", &["-TERM", "-f", "--", "nginx -c /tmp/ict-"]);
+    quiet(
+        "pkill",
+        &["-KILL", "-P", "1", "-f", "--", "nginx: worker process"],
+    );
     if let Ok(list) = run("ip", &["netns", "list"]) {
         for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
             if name.starts_with(&format!("{PREFIX}-")) {

@@ -376,8 +376,12 @@ impl Nginx {
             .stdout(Stdio::null())
             .spawn()
             .context("starting nginx")?;
-        let nginx = Self { child, dir };
+        let mut nginx = Self { child, dir };
         for _ in 0..100 {
+            // A listener of another nginx (a crashed run's) must not pass for this one.
+            if let Some(status) = nginx.child.try_wait()? {
+                bail!("nginx exited at start ({status}); is {NODE_V4}:{NGINX_PORT} taken?");
+            }
             if std::net::TcpStream::connect((NODE_V4, NGINX_PORT)).is_ok() {
                 return Ok(nginx);
             }
@@ -395,9 +399,25 @@ impl Nginx {
             .context("no nginx worker")
     }
 
+    /// Stops the master and its worker (a killed master leaves its worker running).
     fn stop(&mut self) {
+        let worker = self.worker_pid().ok();
+        let master = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(master, nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..40 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(worker) = worker {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(worker as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
