@@ -23,7 +23,7 @@ pub enum PriceError {
     BadPrice {
         provider: String,
         model: String,
-        field: &'static str,
+        field: String,
         value: f64,
     },
     #[error("{provider}: alias {alias:?} points to unknown model {target:?}")]
@@ -235,7 +235,7 @@ impl PriceTable {
 }
 
 fn convert(provider: &str, model: &str, spec: &ModelPriceSpec) -> Result<ModelPrice, PriceError> {
-    let rate = |field: &'static str, value: f64| -> Result<u64, PriceError> {
+    let rate = |field: String, value: f64| -> Result<u64, PriceError> {
         if !value.is_finite() || value < 0.0 {
             return Err(PriceError::BadPrice {
                 provider: provider.to_owned(),
@@ -247,49 +247,49 @@ fn convert(provider: &str, model: &str, spec: &ModelPriceSpec) -> Result<ModelPr
         // Dollars per million tokens → pico-dollars per token.
         Ok((value * 1e6).round() as u64)
     };
-    let input = rate("input", spec.input)?;
-    let output = rate("output", spec.output)?;
-    let base = Rates {
-        input,
-        output,
-        cached_input: spec
-            .cached_input
-            .map(|v| rate("cachedInput", v))
-            .transpose()?
-            .unwrap_or(input),
-        cache_write: spec
-            .cache_write
-            .map(|v| rate("cacheWrite", v))
-            .transpose()?
-            .unwrap_or(input),
-        reasoning: spec
-            .reasoning
-            .map(|v| rate("reasoning", v))
-            .transpose()?
-            .unwrap_or(output),
+    // Cache rates default to the input rate, the reasoning rate to the output rate.
+    let rates = |prefix: &'static str,
+                 [input, output]: [f64; 2],
+                 [cached, write, reasoning]: [Option<f64>; 3]|
+     -> Result<Rates, PriceError> {
+        let field = |name: &str| {
+            if prefix.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{prefix}.{name}")
+            }
+        };
+        let input = rate(field("input"), input)?;
+        let output = rate(field("output"), output)?;
+        let optional = |name: &str, value: Option<f64>, default: u64| {
+            value
+                .map(|v| rate(field(name), v))
+                .transpose()
+                .map(|v| v.unwrap_or(default))
+        };
+        Ok(Rates {
+            input,
+            output,
+            cached_input: optional("cachedInput", cached, input)?,
+            cache_write: optional("cacheWrite", write, input)?,
+            reasoning: optional("reasoning", reasoning, output)?,
+        })
     };
+    let base = rates(
+        "",
+        [spec.input, spec.output],
+        [spec.cached_input, spec.cache_write, spec.reasoning],
+    )?;
     let long_context = match &spec.long_context {
         None => None,
-        Some(long) => {
-            let input = rate("longContext.input", long.input)?;
-            let output = rate("longContext.output", long.output)?;
-            let rates = Rates {
-                input,
-                output,
-                cached_input: long
-                    .cached_input
-                    .map(|v| rate("longContext.cachedInput", v))
-                    .transpose()?
-                    .unwrap_or(input),
-                cache_write: long
-                    .cache_write
-                    .map(|v| rate("longContext.cacheWrite", v))
-                    .transpose()?
-                    .unwrap_or(input),
-                reasoning: output,
-            };
-            Some((long.above_input_tokens, rates))
-        }
+        Some(long) => Some((
+            long.above_input_tokens,
+            rates(
+                "longContext",
+                [long.input, long.output],
+                [long.cached_input, long.cache_write, None],
+            )?,
+        )),
     };
     Ok(ModelPrice { base, long_context })
 }

@@ -149,6 +149,32 @@ impl Scenario {
         )
     }
 
+    /// Runs a script of `tests/python/` with the venv's Python in the pod, trusting the enterprise CA
+    /// (`SSL_CERT_FILE`), and parses the one JSON object it prints.
+    pub fn pod_python_json(&self, script: &str) -> anyhow::Result<Value> {
+        let python = crate::venv_python();
+        let script = crate::python_script(script);
+        let mut command = self
+            .pod
+            .command(&python.display().to_string(), &[&script.display().to_string()]);
+        command.env("SSL_CERT_FILE", &self.enterprise_ca);
+        let output = command.output().context("running python in the pod")?;
+        anyhow::ensure!(
+            output.status.success(),
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).context("the script's JSON results")
+    }
+
+    /// POSTs a JSON body with curl in the pod, trusting the enterprise CA; `extra` go before it.
+    pub fn pod_post_json(&self, url: &str, body: &str, extra: &[&str]) -> anyhow::Result<Curl> {
+        let mut args: Vec<&str> = extra.to_vec();
+        args.extend(["-H", "content-type: application/json", "--data-binary", body]);
+        self.pod_curl_trusting(url, &args)
+    }
+
     /// Runs curl in the host namespace, in the test host cgroup, trusting the test public CA.
     pub fn host_curl(&self, url: &str, extra: &[&str]) -> anyhow::Result<Curl> {
         let args = Self::curl_args(&self.ca_path, url, extra);

@@ -11,6 +11,8 @@ use tests::provider::openai::{BROKEN_BODY, REPLY, chat_stream_events};
 use tests::provider::{Ledger, Sent};
 use tests::scenario::{Scenario, policy};
 
+const CHAT: &str = "https://api.openai.com/v1/chat/completions";
+
 fn scenario(test: &str) -> Option<Scenario> {
     if !tests::privileged_available(test) {
         return None;
@@ -93,19 +95,7 @@ async fn official_sdks_are_accounted_token_for_token_and_priced_from_the_table()
     else {
         return;
     };
-    let python = tests::venv_python();
-    let script = tests::python_script("accounting_sdks.py");
-    let mut command = s
-        .pod
-        .command(&python.display().to_string(), &[&script.display().to_string()]);
-    command.env("SSL_CERT_FILE", &s.enterprise_ca);
-    let output = command.output().expect("python");
-    assert!(
-        output.status.success(),
-        "SDK script failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let results: Value = serde_json::from_slice(&output.stdout).expect("json results");
+    let results = s.pod_python_json("accounting_sdks.py").expect("SDK script");
     let reply = REPLY.concat();
     for call in [
         "openai_chat",
@@ -230,18 +220,7 @@ async fn an_injected_stream_reaches_the_client_byte_for_byte() {
         return;
     };
     let body = r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
-    let curl = s
-        .pod_curl_trusting(
-            "https://api.openai.com/v1/chat/completions",
-            &[
-                "-N",
-                "-H",
-                "content-type: application/json",
-                "--data-binary",
-                body,
-            ],
-        )
-        .expect("curl");
+    let curl = s.pod_post_json(CHAT, body, &["-N"]).expect("curl");
     assert!(curl.success(), "{}", curl.describe());
     let expected = chat_stream_events("gpt-4o-mini-2024-07-18", false, &Value::Null).concat();
     assert_eq!(curl.stdout(), expected, "the client sees the stream it asked for");
@@ -261,15 +240,9 @@ async fn provider_errors_unknown_paths_and_malformed_bodies_are_recorded() {
     let Some(mut s) = scenario("provider_errors_unknown_paths_and_malformed_bodies_are_recorded") else {
         return;
     };
-    let json = ["-H", "content-type: application/json", "--data-binary"];
     let limited = r#"{"model":"rate-limited","messages":[{"role":"user","content":"hi"}]}"#;
-    let args: Vec<&str> = json
-        .iter()
-        .copied()
-        .chain([limited, "-w", "\n%{http_code}"])
-        .collect();
     let curl = s
-        .pod_curl_trusting("https://api.openai.com/v1/chat/completions", &args)
+        .pod_post_json(CHAT, limited, &["-w", "\n%{http_code}"])
         .expect("curl");
     assert!(curl.stdout().ends_with("\n429"), "{}", curl.describe());
     let line = s
@@ -306,10 +279,7 @@ async fn provider_errors_unknown_paths_and_malformed_bodies_are_recorded() {
 
     // A body cut short is passed on as it is and counted as malformed usage.
     let broken = r#"{"model":"broken-body","messages":[]}"#;
-    let args: Vec<&str> = json.iter().copied().chain([broken]).collect();
-    let curl = s
-        .pod_curl_trusting("https://api.openai.com/v1/chat/completions", &args)
-        .expect("curl");
+    let curl = s.pod_post_json(CHAT, broken, &[]).expect("curl");
     assert_eq!(curl.stdout(), BROKEN_BODY, "{}", curl.describe());
     let line = s
         .daemon
@@ -371,18 +341,7 @@ async fn estimate_mode_counts_streams_with_the_tokenizer() {
     let body = format!(
         r#"{{"model":"gpt-4o-mini","stream":true,"messages":[{{"role":"user","content":"{content}"}}]}}"#
     );
-    let curl = s
-        .pod_curl_trusting(
-            "https://api.openai.com/v1/chat/completions",
-            &[
-                "-N",
-                "-H",
-                "content-type: application/json",
-                "--data-binary",
-                &body,
-            ],
-        )
-        .expect("curl");
+    let curl = s.pod_post_json(CHAT, &body, &["-N"]).expect("curl");
     assert!(curl.success(), "{}", curl.describe());
     assert_eq!(delivered_text(&curl.stdout()), REPLY.concat());
     let line = s
@@ -418,18 +377,7 @@ async fn a_stream_the_client_cancels_is_accounted_for_what_was_delivered() {
     );
     // Chunks come 400 ms apart: the client gives up after about two of them.
     let curl = s
-        .pod_curl_trusting(
-            "https://api.openai.com/v1/chat/completions",
-            &[
-                "-N",
-                "--max-time",
-                "1",
-                "-H",
-                "content-type: application/json",
-                "--data-binary",
-                &body,
-            ],
-        )
+        .pod_post_json(CHAT, &body, &["-N", "--max-time", "1"])
         .expect("curl");
     assert_eq!(
         curl.output.status.code(),

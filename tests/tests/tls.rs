@@ -134,19 +134,7 @@ async fn official_openai_and_anthropic_sdks_work_through_the_interceptor() {
     let Some(mut s) = scenario("official_openai_and_anthropic_sdks_work_through_the_interceptor") else {
         return;
     };
-    let python = tests::venv_python();
-    let script = tests::python_script("sdk_smoke.py");
-    let mut command = s
-        .pod
-        .command(&python.display().to_string(), &[&script.display().to_string()]);
-    command.env("SSL_CERT_FILE", &s.enterprise_ca);
-    let output = command.output().expect("python");
-    assert!(
-        output.status.success(),
-        "SDK script failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let results: Value = serde_json::from_slice(&output.stdout).expect("json results");
+    let results = s.pod_python_json("sdk_smoke.py").expect("SDK script");
     let reply = "Hello from the simulated provider.";
     assert_eq!(results["openai_chat"], reply, "{results}");
     assert!(

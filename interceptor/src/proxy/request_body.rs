@@ -102,13 +102,10 @@ pub async fn prepare(
     let settings = exchange.settings();
     let route = exchange.route();
     let passthrough = |reason: Option<&'static str>, body| {
-        if let Some(reason) = reason {
-            settings.metrics.unread_bodies.with_label_values(&[reason]).inc();
+        match reason {
+            Some(reason) => record_unread(exchange, reason),
+            None => exchange.requested(RequestSide::default()),
         }
-        exchange.requested(RequestSide {
-            unread: reason,
-            ..Default::default()
-        });
         Ok(Prepared {
             body: RequestBody::streaming(body),
             usage_injected: false,
@@ -170,30 +167,14 @@ pub async fn prepare(
     };
     if rest.is_some() {
         // Chunked body over the limit: forward it all without reading it.
-        settings
-            .metrics
-            .unread_bodies
-            .with_label_values(&["too_large"])
-            .inc();
-        exchange.requested(RequestSide {
-            unread: Some("too_large"),
-            ..Default::default()
-        });
+        record_unread(exchange, "too_large");
         return Ok(read_ahead(buffer.freeze(), trailers, rest, false));
     }
     let buffer = buffer.freeze();
     let facts = match probe(&buffer) {
         Ok(facts) => facts,
         Err(_) => {
-            settings
-                .metrics
-                .unread_bodies
-                .with_label_values(&["not_json"])
-                .inc();
-            exchange.requested(RequestSide {
-                unread: Some("not_json"),
-                ..Default::default()
-            });
+            record_unread(exchange, "not_json");
             return Ok(read_ahead(buffer, trailers, None, false));
         }
     };
@@ -226,4 +207,18 @@ pub async fn prepare(
     let mut prepared = read_ahead(head, trailers, None, usage_injected);
     prepared.collect_output = collect_output;
     Ok(prepared)
+}
+
+/// The body goes upstream without being read (counted by reason).
+fn record_unread(exchange: &Exchange, reason: &'static str) {
+    exchange
+        .settings()
+        .metrics
+        .unread_bodies
+        .with_label_values(&[reason])
+        .inc();
+    exchange.requested(RequestSide {
+        unread: Some(reason),
+        ..Default::default()
+    });
 }
