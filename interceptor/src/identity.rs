@@ -9,6 +9,7 @@ use interceptor_ebpf::ConnRecord;
 use serde::Serialize;
 
 use crate::cgroup::CgroupNames;
+use crate::container::{self, CgroupIdentity};
 
 /// Facts recorded by the kernel program when the connection was redirected (cannot be spoofed by the app).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -59,6 +60,8 @@ pub struct ProcessDetails {
     pub user: Option<String>,
     /// Path of the cgroup relative to the cgroup2 root.
     pub cgroup: Option<String>,
+    /// Pod, container or systemd unit, as the cgroup path names them.
+    pub placement: CgroupIdentity,
 }
 
 /// Longest command line kept.
@@ -80,13 +83,15 @@ impl Enricher {
 
     pub fn details(&self, facts: &KernelFacts) -> ProcessDetails {
         let proc_dir = PathBuf::from(format!("/proc/{}", facts.tgid));
+        let cgroup = self.cgroups.name(facts.cgroup_id, facts.tgid);
         ProcessDetails {
             exe: std::fs::read_link(proc_dir.join("exe")).ok(),
             cmdline: std::fs::read(proc_dir.join("cmdline"))
                 .ok()
                 .and_then(|raw| format_cmdline(&raw)),
             user: self.user_name(facts.uid),
-            cgroup: self.cgroups.name(facts.cgroup_id, facts.tgid),
+            placement: cgroup.as_deref().map(container::parse).unwrap_or_default(),
+            cgroup,
         }
     }
 

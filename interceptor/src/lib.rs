@@ -7,6 +7,7 @@ pub mod admin;
 pub mod app;
 pub mod cgroup;
 pub mod config;
+pub mod container;
 pub mod ebpf;
 pub mod identity;
 pub mod logging;

@@ -238,6 +238,8 @@ impl Node {
         Ok(Pod {
             netns,
             cgroup,
+            uid: pod_uid,
+            container_id: container,
             v4: pod_v4,
             v6: pod_v6,
             cgroup_root: self.cgroup_root.clone(),
@@ -391,6 +393,10 @@ fn wire_netns(
 pub struct Pod {
     pub netns: String,
     pub cgroup: PathBuf,
+    /// The pod UID its cgroup name carries (kubelet's systemd driver writes it with underscores).
+    pub uid: String,
+    /// The containerd container ID of its `cri-containerd-<id>.scope` cgroup.
+    pub container_id: String,
     pub v4: Ipv4Addr,
     pub v6: Ipv6Addr,
     cgroup_root: PathBuf,

@@ -91,6 +91,12 @@ async fn host_and_pod_connections_are_redirected_and_attributed() {
     );
     assert_eq!(host_line["user"], "root", "{host_line}");
     assert_eq!(host_line["mode"], "passthrough_unlisted_sni", "{host_line}");
+    // A host process is placed by its systemd unit, and is in no pod.
+    assert_eq!(host_line["systemd_unit"], "ict-client.service", "{host_line}");
+    assert!(
+        host_line["pod_uid"].is_null() && host_line["container_id"].is_null(),
+        "{host_line}"
+    );
 
     let pod_line = connection_of(&mut s, pod.pid);
     assert_eq!(
@@ -105,6 +111,16 @@ async fn host_and_pod_connections_are_redirected_and_attributed() {
         "{pod_line}"
     );
     assert_eq!(pod_line["cgroup"], s.pod.cgroup_relative(), "{pod_line}");
+    // The pod and container, read from the kubelet/containerd cgroup names.
+    assert_eq!(pod_line["pod_uid"], s.pod.uid.as_str(), "{pod_line}");
+    assert_eq!(pod_line["qos_class"], "besteffort", "{pod_line}");
+    assert_eq!(pod_line["container_runtime"], "containerd", "{pod_line}");
+    assert_eq!(
+        pod_line["container_id"],
+        s.pod.container_id.as_str(),
+        "{pod_line}"
+    );
+    assert!(pod_line["systemd_unit"].is_null(), "{pod_line}");
     assert_eq!(
         pod_line["client"]
             .as_str()

@@ -166,6 +166,11 @@ impl Record {
             comm = %facts.comm,
             exe = details.exe.as_ref().map(|p| p.display().to_string()),
             cgroup = details.cgroup.as_deref(),
+            pod_uid = details.placement.pod_uid.as_deref(),
+            qos_class = details.placement.qos.map(|q| q.name()),
+            container_runtime = details.placement.container.as_ref().map(|c| c.runtime.name()),
+            container_id = details.placement.container.as_ref().map(|c| c.id.as_str()),
+            systemd_unit = details.placement.systemd_unit.as_deref(),
             cgroup_id = facts.cgroup_id,
             "request"
         );
