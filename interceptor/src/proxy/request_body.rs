@@ -135,14 +135,14 @@ pub async fn prepare(
     };
 
     let mut body = body;
-    let mut buffer = BytesMut::new();
+    let mut buffer = ReadAhead::default();
     let mut trailers = None;
     let mut ended = true;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| format!("reading the request body: {e}"))?;
         match frame.into_data() {
             Ok(data) => {
-                buffer.extend_from_slice(&data);
+                buffer.push(data);
                 if buffer.len() as u64 > max {
                     ended = false;
                     break;
@@ -207,6 +207,45 @@ pub async fn prepare(
     let mut prepared = read_ahead(head, trailers, None, usage_injected);
     prepared.collect_output = collect_output;
     Ok(prepared)
+}
+
+/// Bytes read ahead: the first frame as it came (most bodies are one frame: no copy), later
+/// frames appended to a copy.
+#[derive(Default)]
+struct ReadAhead {
+    first: Option<Bytes>,
+    more: Option<BytesMut>,
+}
+
+impl ReadAhead {
+    fn push(&mut self, data: Bytes) {
+        match (&mut self.first, &mut self.more) {
+            (None, _) => self.first = Some(data),
+            (Some(first), None) => {
+                let mut joined = BytesMut::with_capacity(first.len() + data.len());
+                joined.extend_from_slice(first);
+                joined.extend_from_slice(&data);
+                self.more = Some(joined);
+            }
+            (Some(_), Some(more)) => more.extend_from_slice(&data),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match (&self.first, &self.more) {
+            (_, Some(more)) => more.len(),
+            (Some(first), None) => first.len(),
+            (None, None) => 0,
+        }
+    }
+
+    fn freeze(self) -> Bytes {
+        match (self.first, self.more) {
+            (_, Some(more)) => more.freeze(),
+            (Some(first), None) => first,
+            (None, None) => Bytes::new(),
+        }
+    }
 }
 
 /// The body goes upstream without being read (counted by reason).
