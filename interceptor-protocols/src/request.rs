@@ -31,6 +31,10 @@ struct StreamOptions {
 
 /// Reads the facts of a JSON request body.
 pub fn probe(body: &[u8]) -> Result<RequestFacts, serde_json::Error> {
+    // serde also reads a struct from a JSON array (`["gpt-4o", true]`): only objects are requests.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(serde::de::Error::custom("a request body is a JSON object"));
+    }
     let probe: Probe<'_> = serde_json::from_slice(body)?;
     Ok(RequestFacts {
         model: probe.model.map(Cow::into_owned),
@@ -61,16 +65,17 @@ pub fn inject_include_usage(body: &[u8], facts: &RequestFacts) -> Result<Vec<u8>
         return Ok(out);
     }
     let mut value: serde_json::Value = serde_json::from_slice(body)?;
-    if let Some(object) = value.as_object_mut() {
-        let options = object
-            .entry("stream_options")
-            .or_insert_with(|| serde_json::Value::Object(Default::default()));
-        if !options.is_object() {
-            *options = serde_json::Value::Object(Default::default());
-        }
-        if let Some(options) = options.as_object_mut() {
-            options.insert("include_usage".into(), serde_json::Value::Bool(true));
-        }
+    let Some(object) = value.as_object_mut() else {
+        return Err(serde::de::Error::custom("a request body is a JSON object"));
+    };
+    let options = object
+        .entry("stream_options")
+        .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    if !options.is_object() {
+        *options = serde_json::Value::Object(Default::default());
+    }
+    if let Some(options) = options.as_object_mut() {
+        options.insert("include_usage".into(), serde_json::Value::Bool(true));
     }
     serde_json::to_vec(&value)
 }
@@ -90,6 +95,8 @@ mod tests {
         assert!(facts.include_usage);
         assert!(probe(b"{\"model\": 3}").is_err());
         assert!(probe(b"not json").is_err());
+        // Found by the fuzzer: serde reads structs from arrays too.
+        assert!(probe(b"[\t\"t\",true\t,{}]\n").is_err());
     }
 
     #[test]
