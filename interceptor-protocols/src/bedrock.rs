@@ -10,7 +10,17 @@ use http::HeaderMap;
 use serde::Deserialize;
 
 use crate::eventstream::Message;
+use crate::needle::{Needle, needle};
 use crate::usage::{Observation, PartialUsage, Signal};
+
+static USAGE_KEY: Needle = needle!(b"\"usage\"");
+/// Keys of generated output in the model-native stream chunks (Nova, Llama, Titan, Claude).
+static OUTPUT_KEYS: [Needle; 4] = [
+    needle!(b"\"outputText\""),
+    needle!(b"\"generation\""),
+    needle!(b"\"completion\""),
+    needle!(b"\"text\""),
+];
 
 /// Converse usage; also Amazon Nova's invoke bodies.
 #[derive(Deserialize)]
@@ -125,7 +135,7 @@ fn native(observation: &mut Observation, json: &[u8]) -> Result<Signal, serde_js
     if let Some(kind) = parsed.kind.as_deref() {
         // Anthropic's own events and messages.
         output = crate::anthropic::event(observation, kind, json)?.output;
-    } else if memchr::memmem::find(json, b"\"usage\"").is_some() {
+    } else if USAGE_KEY.found_in(json) {
         converse_body(observation, json)?;
     }
     if parsed.prompt_token_count.is_some() || parsed.generation_token_count.is_some() {
@@ -183,10 +193,7 @@ pub fn stream_message(observation: &mut Observation, message: &Message<'_>) -> R
             let chunk: Chunk<'_> = serde_json::from_slice(message.payload)?;
             let decoded = base64::engine::general_purpose::STANDARD.decode(chunk.bytes.as_bytes())?;
             let signal = native(observation, &decoded)?;
-            let output = signal.output
-                || ["\"outputText\"", "\"generation\"", "\"completion\"", "\"text\""]
-                    .iter()
-                    .any(|key| memchr::memmem::find(&decoded, key.as_bytes()).is_some());
+            let output = signal.output || OUTPUT_KEYS.iter().any(|key| key.found_in(&decoded));
             Ok(Signal { output })
         }
         _ => Ok(Signal::default()),

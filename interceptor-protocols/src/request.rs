@@ -5,6 +5,10 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
+use crate::needle::{Needle, needle};
+
+static STREAM_OPTIONS_KEY: Needle = needle!(b"\"stream_options\"");
+
 /// The facts of a JSON request body the accounting needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestFacts {
@@ -54,7 +58,7 @@ pub fn inject_include_usage(body: &[u8], facts: &RequestFacts) -> Result<Vec<u8>
     const MEMBER: &[u8] = br#""stream_options":{"include_usage":true},"#;
     // A `"stream_options"` anywhere (even `null`, or a nested key) takes the parse-and-rewrite path.
     if !facts.has_stream_options
-        && memchr::memmem::find(body, b"\"stream_options\"").is_none()
+        && !STREAM_OPTIONS_KEY.found_in(body)
         && let Some(brace) = body.iter().position(|b| !b.is_ascii_whitespace())
         && body[brace] == b'{'
     {

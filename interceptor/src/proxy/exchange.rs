@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::HeaderValue;
 use http_body::{Body, Frame, SizeHint};
-use interceptor_protocols::estimate::Prompt;
 use interceptor_protocols::{Accounting, Adapter, Route};
 
 use super::ProxyMetrics;
 use super::record::Record;
+use super::request_body::KeptBody;
 use crate::accounting::AccountingSettings;
 use crate::identity::{KernelFacts, ProcessDetails};
 
@@ -38,8 +38,8 @@ pub struct RequestSide {
     pub usage_injected: bool,
     /// Why the body was forwarded unread, when it was.
     pub unread: Option<&'static str>,
-    /// The prompt text, kept for a tokenizer estimate (OpenAI-style streams).
-    pub prompt: Option<Prompt>,
+    /// The request body, kept for a tokenizer estimate of the prompt (OpenAI-style streams).
+    pub prompt_source: Option<KeptBody>,
 }
 
 /// Response headers worth keeping: request id and rate-limit state (values shared with the

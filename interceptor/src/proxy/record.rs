@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use interceptor_protocols::estimate::{Encoding, estimate};
+use interceptor_protocols::estimate::{Encoding, Prompt, estimate};
 use interceptor_protocols::{Accounting, Route, UsageStatus};
 use tracing::info;
 
@@ -78,14 +78,18 @@ impl Record {
     fn estimate(&mut self) -> Encoding {
         let model = self.model().unwrap_or_default().to_owned();
         let encoding = Encoding::for_model(&model);
-        let prompt = self.request.as_ref().and_then(|r| r.prompt.as_ref());
+        let prompt = self
+            .request
+            .as_ref()
+            .and_then(|r| r.prompt_source.as_ref())
+            .and_then(|kept| Prompt::from_request(&kept.body).ok());
         if let Some(outcome) = self.outcome.as_mut() {
             let output = outcome
                 .kept_events
                 .as_ref()
                 .map(|kept| kept.output_text())
                 .unwrap_or_default();
-            outcome.usage = Some(estimate(&model, prompt, &output));
+            outcome.usage = Some(estimate(&model, prompt.as_ref(), &output));
             outcome.status = UsageStatus::Estimated;
         }
         encoding

@@ -13,7 +13,6 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use interceptor_protocols::Dialect;
-use interceptor_protocols::estimate::Prompt;
 use interceptor_protocols::request::{inject_include_usage, probe};
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -155,27 +154,28 @@ pub async fn prepare(
         }
     }
     let rest = (!ended).then_some(body);
-    let read_ahead = |head: Bytes, trailers, rest, usage_injected| Prepared {
-        body: RequestBody {
-            head: Some(head).filter(|h| !h.is_empty()),
-            trailers,
-            rest,
-            _permit: Some(permit),
-        },
-        usage_injected,
+    let read_ahead = |head: Bytes, trailers, rest, permit| RequestBody {
+        head: Some(head).filter(|h| !h.is_empty()),
+        trailers,
+        rest,
+        _permit: permit,
+    };
+    let unread = |body| Prepared {
+        body,
+        usage_injected: false,
         collect_output: false,
     };
     if rest.is_some() {
         // Chunked body over the limit: forward it all without reading it.
         record_unread(exchange, "too_large");
-        return Ok(read_ahead(buffer.freeze(), trailers, rest, false));
+        return Ok(unread(read_ahead(buffer.freeze(), trailers, rest, Some(permit))));
     }
     let buffer = buffer.freeze();
     let facts = match probe(&buffer) {
         Ok(facts) => facts,
         Err(_) => {
             record_unread(exchange, "not_json");
-            return Ok(read_ahead(buffer, trailers, None, false));
+            return Ok(unread(read_ahead(buffer, trailers, None, Some(permit))));
         }
     };
     let inject = settings.stream_usage == StreamUsage::Inject
@@ -193,20 +193,36 @@ pub async fn prepare(
         }
     }
     let collect_output = facts.stream && route.dialect == Dialect::OpenaiChat;
-    // The prompt as sent by the client (before any injection).
-    let prompt = collect_output
-        .then(|| Prompt::from_request(&buffer).ok())
-        .flatten();
+    // An estimate may need the prompt: keep the body as the client sent it (shared, not copied;
+    // still counted in the budget) and parse it only if an estimate is made.
+    let (prompt_source, permit) = if collect_output {
+        let kept = KeptBody {
+            body: buffer,
+            _permit: permit,
+        };
+        (Some(kept), None)
+    } else {
+        (None, Some(permit))
+    };
     exchange.requested(RequestSide {
         model: facts.model,
         stream: facts.stream,
         usage_injected,
         unread: None,
-        prompt,
+        prompt_source,
     });
-    let mut prepared = read_ahead(head, trailers, None, usage_injected);
-    prepared.collect_output = collect_output;
-    Ok(prepared)
+    Ok(Prepared {
+        body: read_ahead(head, trailers, None, permit),
+        usage_injected,
+        collect_output,
+    })
+}
+
+/// A request body kept for a later estimate, with its share of the read-ahead budget.
+#[derive(Debug)]
+pub struct KeptBody {
+    pub body: Bytes,
+    _permit: OwnedSemaphorePermit,
 }
 
 /// Bytes read ahead: the first frame as it came (most bodies are one frame: no copy), later
