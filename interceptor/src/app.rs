@@ -17,6 +17,7 @@ use crate::cgroup::{self, CgroupNames};
 use crate::config::Config;
 use crate::ebpf::{AttachOptions, RedirectTarget, Redirector};
 use crate::identity::Enricher;
+use crate::kubernetes::{self, KubernetesSettings, watch::WatchSettings};
 use crate::metrics::{self, EbpfCollector};
 use crate::policy::{FailureMode, Policy};
 use crate::proxy::{self, ProviderRoute, ProxyContext, ProxyMetrics};
@@ -123,6 +124,20 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     readiness.set_targets_installed(true);
     background.spawn(discovery.run(stop_background.clone()));
 
+    let kubernetes = KubernetesSettings {
+        mode: config.kubernetes,
+        kubeconfig: config.kubeconfig.clone(),
+        watch: WatchSettings {
+            node_name: kubernetes::node_name(config.node_name.as_deref())?,
+            max_backoff: config.kubernetes_max_backoff,
+            sweep_interval: Duration::from_secs(30),
+        },
+        departed_grace: Duration::from_secs(300),
+        owner_timeout: Duration::from_secs(5),
+        pod_wait: config.pod_wait,
+    };
+    let pods = kubernetes::start(&kubernetes, &registry, &background, stop_background.clone()).await?;
+
     if let Some(listener) = admin_listener {
         background.spawn(admin::serve(
             listener,
@@ -158,6 +173,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         providers,
         accounting,
         bypass: policy.bypass_matchers(),
+        pods,
         leaves: Arc::new(LeafCerts::new(
             ca.clone(),
             policy.interception.leaf_ttl,

@@ -4,6 +4,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::kubernetes::KubernetesMode;
+
 /// Settings of `interceptor run`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct Config {
@@ -80,6 +82,28 @@ pub struct Config {
     /// the server speaks first).
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub first_byte_timeout: Duration,
+
+    /// Read pod metadata (namespace, workload, labels, service account) from the Kubernetes API:
+    /// `auto` uses the in-cluster configuration or a kubeconfig when one exists, `off` never calls it.
+    #[arg(long, env = "INTERCEPTOR_KUBERNETES", value_enum, default_value = "auto")]
+    pub kubernetes: KubernetesMode,
+
+    /// Kubeconfig to use instead of the in-cluster configuration or `$KUBECONFIG`.
+    #[arg(long, env = "INTERCEPTOR_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// This node's name (set it from the downward API's `spec.nodeName`). Default: the host name.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// How long a request's record waits for a pod that is not listed yet before saying `pod=unknown`
+    /// (the request itself never waits).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub pod_wait: Duration,
+
+    /// Longest wait between two attempts to reach the Kubernetes API.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub kubernetes_max_backoff: Duration,
 
     /// Level of the eBPF programs' own log (aya-log): off, error, warn, info, debug, trace.
     #[arg(long, default_value = "warn")]

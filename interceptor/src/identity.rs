@@ -3,13 +3,24 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use interceptor_ebpf::ConnRecord;
 use serde::Serialize;
 
 use crate::cgroup::CgroupNames;
 use crate::container::{self, CgroupIdentity};
+use crate::kubernetes::PodIdentity;
+
+/// Everything known about who made a connection, as selectors and records see it.
+#[derive(Clone, Copy, Debug)]
+pub struct Identity<'a> {
+    pub facts: &'a KernelFacts,
+    pub details: &'a ProcessDetails,
+    /// The pod, when the connection comes from a pod the directory knows.
+    pub pod: Option<&'a PodIdentity>,
+}
 
 /// Facts recorded by the kernel program when the connection was redirected (cannot be spoofed by the app).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -57,6 +68,9 @@ pub struct ProcessDetails {
     pub exe: Option<PathBuf>,
     /// Arguments joined by spaces, truncated to [`MAX_CMDLINE`] bytes.
     pub cmdline: Option<String>,
+    /// First 16 hex digits of the SHA-256 of the whole command line (NUL-separated, untruncated):
+    /// groups identical invocations without logging long arguments twice.
+    pub cmdline_hash: Option<String>,
     pub user: Option<String>,
     /// Path of the cgroup relative to the cgroup2 root.
     pub cgroup: Option<String>,
@@ -67,28 +81,60 @@ pub struct ProcessDetails {
 /// Longest command line kept.
 pub const MAX_CMDLINE: usize = 512;
 
-/// Reads process details. Blocking (procfs, passwd): run it on a blocking thread.
+/// Reads process details, cached per (process, cgroup, uid) for a short time: the connections of one
+/// process cost one /proc read between them.
 pub struct Enricher {
     cgroups: CgroupNames,
     users: Mutex<HashMap<u32, Option<String>>>,
+    cache: moka::sync::Cache<(u32, u64, u32), Arc<ProcessDetails>>,
 }
+
+/// How long process details are reused: bounds how stale an exe is after an `execve` in place.
+pub const DETAILS_TTL: Duration = Duration::from_secs(30);
 
 impl Enricher {
     pub fn new(cgroups: CgroupNames) -> Self {
         Self {
             cgroups,
             users: Mutex::new(HashMap::new()),
+            cache: moka::sync::Cache::builder()
+                .max_capacity(65_536)
+                .time_to_live(DETAILS_TTL)
+                .build(),
         }
     }
 
-    pub fn details(&self, facts: &KernelFacts) -> ProcessDetails {
+    fn key(facts: &KernelFacts) -> (u32, u64, u32) {
+        (facts.tgid, facts.cgroup_id, facts.uid)
+    }
+
+    /// Cached details, without blocking.
+    pub fn cached(&self, facts: &KernelFacts) -> Option<Arc<ProcessDetails>> {
+        self.cache.get(&Self::key(facts))
+    }
+
+    /// Cached details, or reads them. Blocking on a miss (procfs, passwd): run it on a blocking thread.
+    pub fn details(&self, facts: &KernelFacts) -> Arc<ProcessDetails> {
+        if let Some(details) = self.cached(facts) {
+            return details;
+        }
+        let details = Arc::new(self.read(facts));
+        // A process that is already gone is not cached: its pid may be reused.
+        if details.exe.is_some() {
+            self.cache.insert(Self::key(facts), details.clone());
+        }
+        details
+    }
+
+    /// Reads the details from /proc and the cgroup tree (no cache).
+    pub fn read(&self, facts: &KernelFacts) -> ProcessDetails {
         let proc_dir = PathBuf::from(format!("/proc/{}", facts.tgid));
         let cgroup = self.cgroups.name(facts.cgroup_id, facts.tgid);
+        let raw_cmdline = std::fs::read(proc_dir.join("cmdline")).ok();
         ProcessDetails {
             exe: std::fs::read_link(proc_dir.join("exe")).ok(),
-            cmdline: std::fs::read(proc_dir.join("cmdline"))
-                .ok()
-                .and_then(|raw| format_cmdline(&raw)),
+            cmdline: raw_cmdline.as_deref().and_then(format_cmdline),
+            cmdline_hash: raw_cmdline.as_deref().filter(|raw| !raw.is_empty()).map(cmdline_hash),
             user: self.user_name(facts.uid),
             placement: cgroup.as_deref().map(container::parse).unwrap_or_default(),
             cgroup,
@@ -108,6 +154,11 @@ impl Enricher {
         }
         name
     }
+}
+
+fn cmdline_hash(raw: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, raw);
+    digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// NUL-separated arguments to one line, truncated at a character boundary.
@@ -173,5 +224,13 @@ mod tests {
         let long = "é".repeat(400);
         let formatted = format_cmdline(long.as_bytes()).expect("some");
         assert!(formatted.len() <= MAX_CMDLINE);
+    }
+
+    #[test]
+    fn cmdline_hash_is_stable_and_short() {
+        let hash = cmdline_hash(b"python3\0-m\0app\0");
+        assert_eq!(hash.len(), 16);
+        assert_eq!(hash, cmdline_hash(b"python3\0-m\0app\0"));
+        assert_ne!(hash, cmdline_hash(b"python3\0-m\0other\0"));
     }
 }

@@ -14,6 +14,7 @@ use interceptor_protocols::pricing::ProviderPricesSpec;
 use serde::Deserialize;
 
 use crate::providers::{self, Adapter};
+use crate::selector::{Selector, SelectorMatcher};
 
 /// The only `apiVersion` this build understands.
 pub const API_VERSION: &str = "interceptor.dev/v1alpha1";
@@ -152,7 +153,7 @@ pub struct Interception {
     /// Workloads whose connections are relayed untouched (never decrypted), e.g. clients that pin
     /// certificates. A connection is bypassed when any selector matches.
     #[serde(default)]
-    pub bypass: Vec<ProcessSelector>,
+    pub bypass: Vec<Selector>,
 }
 
 impl Default for Interception {
@@ -162,72 +163,6 @@ impl Default for Interception {
             leaf_ttl: default_leaf_ttl(),
             bypass: Vec::new(),
         }
-    }
-}
-
-/// Selects processes by kernel facts. Every field is optional; the ones given must all match.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct ProcessSelector {
-    /// Executable path glob (e.g. `/usr/bin/java`, `/opt/**/bin/*`).
-    #[serde(default)]
-    pub exe: Option<String>,
-    /// Command name (exact, as in /proc/<pid>/comm).
-    #[serde(default)]
-    pub comm: Option<String>,
-    /// User id.
-    #[serde(default)]
-    pub uid: Option<u32>,
-    /// Cgroup path glob, relative to the cgroup2 root (e.g. `/kubepods.slice/**`).
-    #[serde(default)]
-    pub cgroup: Option<String>,
-}
-
-/// A compiled [`ProcessSelector`].
-#[derive(Clone, Debug)]
-pub struct SelectorMatcher {
-    exe: Option<globset::GlobMatcher>,
-    comm: Option<String>,
-    uid: Option<u32>,
-    cgroup: Option<globset::GlobMatcher>,
-}
-
-impl SelectorMatcher {
-    /// Whether the process matches every field given.
-    pub fn matches(&self, comm: &str, uid: u32, exe: Option<&Path>, cgroup: Option<&str>) -> bool {
-        self.comm.as_deref().is_none_or(|c| c == comm)
-            && self.uid.is_none_or(|u| u == uid)
-            && self
-                .exe
-                .as_ref()
-                .is_none_or(|g| exe.is_some_and(|e| g.is_match(e)))
-            && self
-                .cgroup
-                .as_ref()
-                .is_none_or(|g| cgroup.is_some_and(|c| g.is_match(c)))
-    }
-}
-
-fn compile_glob(pattern: &str) -> Result<globset::GlobMatcher, String> {
-    globset::GlobBuilder::new(pattern)
-        .literal_separator(true)
-        .build()
-        .map(|g| g.compile_matcher())
-        .map_err(|e| format!("{pattern:?} is not a valid glob: {e}"))
-}
-
-impl ProcessSelector {
-    /// Compiles the globs; the error names what is wrong.
-    pub fn compile(&self) -> Result<SelectorMatcher, String> {
-        if self.exe.is_none() && self.comm.is_none() && self.uid.is_none() && self.cgroup.is_none() {
-            return Err("an empty selector would match everything; give at least one field".into());
-        }
-        Ok(SelectorMatcher {
-            exe: self.exe.as_deref().map(compile_glob).transpose()?,
-            comm: self.comm.clone(),
-            uid: self.uid,
-            cgroup: self.cgroup.as_deref().map(compile_glob).transpose()?,
-        })
     }
 }
 
@@ -563,21 +498,12 @@ mod tests {
     }
 
     #[test]
-    fn bypass_selectors_match_on_every_given_field() {
+    fn bypass_selectors_are_validated() {
         let policy = parse(&format!(
-            "{HEADER}interception:\n  bypass:\n    - {{exe: \"/usr/bin/*\", uid: 1000}}\n    - {{cgroup: \"/kubepods.slice/**\"}}\n"
+            "{HEADER}interception:\n  bypass:\n    - {{exe: \"/usr/bin/*\", uid: 1000}}\n    - {{namespace: legacy, workload: Deployment/pinned}}\n"
         ))
         .expect("valid");
-        let matchers = policy.bypass_matchers();
-        assert_eq!(matchers.len(), 2);
-        assert!(matchers[0].matches("curl", 1000, Some(Path::new("/usr/bin/curl")), None));
-        assert!(!matchers[0].matches("curl", 0, Some(Path::new("/usr/bin/curl")), None));
-        assert!(!matchers[0].matches("curl", 1000, Some(Path::new("/usr/local/bin/curl")), None));
-        assert!(
-            !matchers[0].matches("curl", 1000, None, None),
-            "unknown exe never matches an exe glob"
-        );
-        assert!(matchers[1].matches("x", 0, None, Some("/kubepods.slice/a/b.scope")));
+        assert_eq!(policy.bypass_matchers().len(), 2);
         let err = parse(&format!("{HEADER}interception:\n  bypass:\n    - {{}}\n")).expect_err("empty");
         assert!(err.to_string().contains("interception.bypass[0]"), "{err}");
         let err = parse(&format!(

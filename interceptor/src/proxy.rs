@@ -23,7 +23,8 @@ use interceptor_protocols::Adapter;
 use crate::accounting::AccountingSettings;
 use crate::ebpf::AttributionMap;
 use crate::identity::Enricher;
-use crate::policy::SelectorMatcher;
+use crate::kubernetes::PodAttribution;
+use crate::selector::SelectorMatcher;
 use crate::providers::domain_matches;
 use crate::tls::leaf::LeafCerts;
 use crate::tls::upstream::Upstream;
@@ -167,6 +168,8 @@ pub struct ProxyContext {
     pub accounting: Arc<AccountingSettings>,
     /// Processes whose connections are relayed untouched.
     pub bypass: Vec<SelectorMatcher>,
+    /// Pod metadata, on Kubernetes.
+    pub pods: Option<Arc<PodAttribution>>,
     pub leaves: Arc<LeafCerts>,
     pub upstream: Arc<Upstream<http::UpstreamBody>>,
 }

@@ -11,6 +11,7 @@
 
 pub mod cmd;
 pub mod daemon;
+pub mod kubeapi;
 pub mod node;
 pub mod pki;
 pub mod provider;

@@ -16,7 +16,8 @@ use super::exchange::ConnInfo;
 use super::http::{self, HttpContext};
 use super::passthrough;
 use super::{ProxyContext, ProxyError};
-use crate::identity::{KernelFacts, ProcessDetails};
+use crate::identity::{Identity, KernelFacts, ProcessDetails};
+use crate::kubernetes::PodIdentity;
 
 /// How a connection was handled (log field `mode`, metric label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,9 +67,6 @@ pub async fn handle(
     };
     metrics.active.inc();
     let facts = KernelFacts::from(&record);
-    let enricher = ctx.enricher.clone();
-    let facts_for_details = facts.clone();
-    let details = tokio::task::spawn_blocking(move || enricher.details(&facts_for_details));
     let mut buffer = Vec::with_capacity(2048);
     let hello = classify::read_client_hello(
         &mut client,
@@ -76,8 +74,21 @@ pub async fn handle(
         ctx.first_byte_timeout,
         ctx.hello_timeout,
     );
-    let (details, hello) = tokio::join!(details, hello);
-    let details = details.unwrap_or_default();
+    let (details, hello) = match ctx.enricher.cached(&facts) {
+        Some(details) => (details, hello.await),
+        None => {
+            let enricher = ctx.enricher.clone();
+            let facts_for_details = facts.clone();
+            let details = tokio::task::spawn_blocking(move || enricher.details(&facts_for_details));
+            let (details, hello) = tokio::join!(details, hello);
+            (details.unwrap_or_default(), hello)
+        }
+    };
+    let pod = ctx
+        .pods
+        .as_ref()
+        .map(|pods| pods.lookup(details.placement.pod_uid.as_deref()))
+        .unwrap_or_default();
 
     let (mode, sni, outcome) = match hello {
         Hello::Closed => (Mode::ClosedEarly, None, Ok((0, 0))),
@@ -96,14 +107,12 @@ pub async fn handle(
             relay(ctx, &mut client, &buffer, facts.original_dst, &abort).await,
         ),
         Hello::Tls { sni, alpn } => {
-            let bypassed = ctx.bypass.iter().any(|m| {
-                m.matches(
-                    &facts.comm,
-                    facts.uid,
-                    details.exe.as_deref(),
-                    details.cgroup.as_deref(),
-                )
-            });
+            let identity = Identity {
+                facts: &facts,
+                details: &details,
+                pod: pod.known(),
+            };
+            let bypassed = ctx.bypass.iter().any(|m| m.matches(&identity));
             let provider = sni.as_deref().and_then(|name| ctx.provider(name)).cloned();
             let mode = match (&sni, &provider) {
                 _ if bypassed => Mode::Bypassed,
@@ -117,6 +126,8 @@ pub async fn handle(
                     let conn = Arc::new(ConnInfo {
                         facts: facts.clone(),
                         details: details.clone(),
+                        pod: pod.clone(),
+                        pods: ctx.pods.clone(),
                         sni: sni.clone().unwrap_or_default().to_ascii_lowercase(),
                         provider: provider.name,
                         adapter: provider.adapter,
@@ -148,6 +159,7 @@ pub async fn handle(
         peer,
         &facts,
         &details,
+        pod.known(),
         mode,
         sni.as_deref(),
         &outcome,
@@ -243,6 +255,7 @@ fn log_connection(
     peer: SocketAddr,
     facts: &KernelFacts,
     details: &ProcessDetails,
+    pod: Option<&PodIdentity>,
     mode: Mode,
     sni: Option<&str>,
     outcome: &Result<(u64, u64), String>,
@@ -266,13 +279,18 @@ fn log_connection(
         comm = %facts.comm,
         exe = exe.as_deref(),
         cmdline = details.cmdline.as_deref(),
+        cmdline_hash = details.cmdline_hash.as_deref(),
         cgroup_id = facts.cgroup_id,
         cgroup = details.cgroup.as_deref(),
-            pod_uid = details.placement.pod_uid.as_deref(),
-            qos_class = details.placement.qos.map(|q| q.name()),
-            container_runtime = details.placement.container.as_ref().map(|c| c.runtime.name()),
-            container_id = details.placement.container.as_ref().map(|c| c.id.as_str()),
-            systemd_unit = details.placement.systemd_unit.as_deref(),
+        namespace = pod.map(|p| &*p.namespace),
+        pod = pod.map(|p| &*p.name),
+        workload = pod.map(|p| p.workload.to_string()),
+        service_account = pod.and_then(|p| p.service_account.as_deref()),
+        pod_uid = details.placement.pod_uid.as_deref(),
+        qos_class = details.placement.qos.map(|q| q.name()),
+        container_runtime = details.placement.container.as_ref().map(|c| c.runtime.name()),
+        container_id = details.placement.container.as_ref().map(|c| c.id.as_str()),
+        systemd_unit = details.placement.systemd_unit.as_deref(),
         netns_cookie = facts.netns_cookie,
         bytes_up,
         bytes_down,

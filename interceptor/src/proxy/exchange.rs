@@ -17,11 +17,16 @@ use super::record::Record;
 use super::request_body::KeptBody;
 use crate::accounting::AccountingSettings;
 use crate::identity::{KernelFacts, ProcessDetails};
+use crate::kubernetes::{PodAttribution, PodRef};
 
 /// What every request of a connection shares: who, where to.
 pub struct ConnInfo {
     pub facts: KernelFacts,
-    pub details: ProcessDetails,
+    pub details: Arc<ProcessDetails>,
+    /// The pod, as found when the connection was accepted.
+    pub pod: PodRef,
+    /// The pod directory (to complete the record of a pod not yet listed), on Kubernetes.
+    pub pods: Option<Arc<PodAttribution>>,
     /// The TLS server name the client asked for (the provider host).
     pub sni: String,
     /// The provider's name (metrics label, price section) and API dialect.
@@ -208,6 +213,8 @@ impl Drop for Exchange {
             request: self.request.take(),
             response: self.response.take(),
             outcome: self.outcome.take(),
+            pod: None,
+            pod_status: None,
         }
         .finish();
     }

@@ -11,6 +11,7 @@ use tracing::info;
 
 use super::exchange::{ConnInfo, RequestSide, ResponseMeta, header_text};
 use crate::accounting::{AccountingSettings, Priced};
+use crate::kubernetes::{PodIdentity, PodStatus};
 
 /// Everything known about one exchange when its last body is gone.
 pub struct Record {
@@ -29,11 +30,39 @@ pub struct Record {
     pub request: Option<RequestSide>,
     pub response: Option<ResponseMeta>,
     pub outcome: Option<Accounting>,
+    /// Set by [`Record::finish`].
+    pub pod: Option<Arc<PodIdentity>>,
+    pub pod_status: Option<PodStatus>,
 }
 
 impl Record {
-    /// Estimates (off the I/O threads) if needed, then records.
+    /// Completes the pod (waiting, off the request path, for one not listed yet), estimates (off the
+    /// I/O threads) if needed, then records.
     pub fn finish(mut self) {
+        let Some(pods) = self.conn.pods.clone() else {
+            self.account();
+            return;
+        };
+        if let Some((pod, status)) = pods.settle_now(&self.conn.pod) {
+            (self.pod, self.pod_status) = (pod, status);
+            self.account();
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    (self.pod, self.pod_status) = pods.settle(&self.conn.pod).await;
+                    self.account();
+                });
+            }
+            Err(_) => {
+                self.pod_status = Some(PodStatus::Unknown);
+                self.account();
+            }
+        }
+    }
+
+    fn account(mut self) {
         if !self.needs_estimate() {
             self.emit(None);
             return;
@@ -98,6 +127,12 @@ impl Record {
     fn emit(self, estimated_with: Option<Encoding>) {
         let facts = &self.conn.facts;
         let details = &self.conn.details;
+        let pod = self.pod.as_deref();
+        let pod_name = match (pod, self.pod_status) {
+            (Some(pod), _) => Some(&*pod.name),
+            (None, Some(PodStatus::Unknown)) => Some("unknown"),
+            _ => None,
+        };
         let outcome = self.outcome.as_ref();
         let request = self.request.as_ref();
         let response = self.response.as_ref();
@@ -169,6 +204,11 @@ impl Record {
             uid = facts.uid,
             comm = %facts.comm,
             exe = details.exe.as_ref().map(|p| p.display().to_string()),
+            namespace = pod.map(|p| &*p.namespace),
+            pod = pod_name,
+            workload = pod.map(|p| p.workload.to_string()),
+            service_account = pod.and_then(|p| p.service_account.as_deref()),
+            pod_status = self.pod_status.map(PodStatus::name),
             cgroup = details.cgroup.as_deref(),
             pod_uid = details.placement.pod_uid.as_deref(),
             qos_class = details.placement.qos.map(|q| q.name()),
