@@ -130,9 +130,7 @@ impl FakeKubeApi {
             .enable_all()
             .build()
             .context("fake API runtime")?;
-        let listener = runtime
-            .block_on(TcpListener::bind("127.0.0.1:0"))
-            .context("binding the fake API server")?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the fake API server")?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             cluster: Mutex::new(Cluster::default()),
@@ -153,20 +151,22 @@ impl FakeKubeApi {
         self.runtime.as_ref().expect("runtime lives until drop")
     }
 
-    /// The API goes away: the listener closes and every connection is cut.
+    /// The API goes away: the listener closes and every connection is cut. Returns once connecting
+    /// is refused. (Callable from any thread, including inside another runtime.)
     pub fn stop(&mut self) {
         if let Some(server) = self.server.take() {
             server.abort();
-            let _ = self.runtime().block_on(server);
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::net::TcpStream::connect(self.addr).is_ok() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
     }
 
     /// The API comes back on the same address, with the same objects and history.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
-        let listener = self
-            .runtime()
-            .block_on(TcpListener::bind(self.addr))
+        let listener = std::net::TcpListener::bind(self.addr)
             .with_context(|| format!("rebinding the fake API server on {}", self.addr))?;
         self.server = Some(self.runtime().spawn(serve(listener, self.shared.clone())));
         Ok(())
@@ -343,7 +343,14 @@ pub fn owned(resource: Resource, namespace: &str, name: &str, owner_kind: &str, 
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
-async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>) {
+    let listener = match listener.set_nonblocking(true).and_then(|()| TcpListener::from_std(listener)) {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("fake API server: cannot register its listener: {e}");
+            return;
+        }
+    };
     // Connections live in the set: aborting the server task cuts them all.
     let mut connections = JoinSet::new();
     loop {

@@ -44,6 +44,17 @@ interception:
     )
 }
 
+/// The names a pod resolves (its `/etc/netns/<netns>/hosts`).
+pub fn hosts() -> Vec<(&'static str, IpAddr)> {
+    vec![
+        ("api.openai.com", PROVIDER_V4.into()),
+        ("api.anthropic.com", PROVIDER_V4.into()),
+        (GEMINI_HOST, PROVIDER_V4.into()),
+        (RELAY_HOST, PROVIDER_V4.into()),
+        (OTHER_HOST, OTHER_V4.into()),
+    ]
+}
+
 /// Everything a test needs. Fields drop in declaration order: the daemon first, the node last.
 pub struct Scenario {
     pub daemon: Daemon,
@@ -62,14 +73,7 @@ impl Scenario {
     /// Builds the node, starts the provider and the daemon with `policy`.
     pub fn start(policy: &str, extra_args: &[&str]) -> anyhow::Result<Self> {
         let mut node = Node::new()?;
-        let hosts: Vec<(&str, IpAddr)> = vec![
-            ("api.openai.com", PROVIDER_V4.into()),
-            ("api.anthropic.com", PROVIDER_V4.into()),
-            (GEMINI_HOST, PROVIDER_V4.into()),
-            (RELAY_HOST, PROVIDER_V4.into()),
-            (OTHER_HOST, OTHER_V4.into()),
-        ];
-        let pod = node.add_pod("pod-a", &hosts)?;
+        let pod = node.add_pod("pod-a", &hosts())?;
         let provider_netns = node.add_provider("provider")?;
         let ca = TestCa::new("Test Public Root CA", &node.dir, "public-ca.pem")?;
         let tls = server_config(ca.issue(&[
@@ -133,20 +137,29 @@ impl Scenario {
     /// Runs curl in the pod, trusting only the test public CA (a client that does not trust the
     /// enterprise CA).
     pub fn pod_curl(&self, url: &str, extra: &[&str]) -> anyhow::Result<Curl> {
-        let args = Self::curl_args(&self.ca_path, url, extra);
-        Curl::run(
-            self.pod
-                .command("curl", &args.iter().map(String::as_str).collect::<Vec<_>>()),
-        )
+        self.curl_in(&self.pod, false, url, extra)
     }
 
     /// Runs curl in the pod, trusting the enterprise CA (a pod with the trust bundle mounted).
     pub fn pod_curl_trusting(&self, url: &str, extra: &[&str]) -> anyhow::Result<Curl> {
+        self.curl_in(&self.pod, true, url, extra)
+    }
+
+    /// Runs curl in `pod`, trusting the enterprise CA or only the test public CA.
+    pub fn curl_in(&self, pod: &Pod, trust_enterprise: bool, url: &str, extra: &[&str]) -> anyhow::Result<Curl> {
+        let ca = if trust_enterprise { &self.enterprise_ca } else { &self.ca_path };
+        let args = Self::curl_args(ca, url, extra);
+        Curl::run(pod.command("curl", &args.iter().map(String::as_str).collect::<Vec<_>>()))
+    }
+
+    /// Runs curl in the host namespace and test host cgroup, trusting the enterprise CA.
+    pub fn host_curl_trusting(&self, url: &str, extra: &[&str]) -> anyhow::Result<Curl> {
         let args = Self::curl_args(&self.enterprise_ca, url, extra);
-        Curl::run(
-            self.pod
-                .command("curl", &args.iter().map(String::as_str).collect::<Vec<_>>()),
-        )
+        Curl::run(self.node.host_command(
+            &self.host_cgroup,
+            "curl",
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        ))
     }
 
     /// Runs a script of `tests/python/` with the venv's Python in the pod, trusting the enterprise CA

@@ -46,6 +46,24 @@ async fn host_and_pod_connections_are_redirected_and_attributed() {
         .daemon
         .metric("interceptor_redirect_events_total{event=\"skipped\"}")
         .expect("scrape");
+    // No Kubernetes configuration here: one informational line, no warnings, no watch.
+    let logs = s.daemon.logs();
+    let mentions = |text: &str| {
+        logs.iter()
+            .filter(|l| l["message"].as_str().is_some_and(|m| m.contains(text)))
+            .count()
+    };
+    assert_eq!(mentions("no Kubernetes configuration"), 1, "{logs:#?}");
+    assert!(
+        !logs
+            .iter()
+            .any(|l| l["level"] != "INFO" && l.to_string().to_lowercase().contains("kube")),
+        "no Kubernetes warnings without Kubernetes: {logs:#?}"
+    );
+    assert!(
+        !s.daemon.metrics().expect("scrape").contains("interceptor_kubernetes_"),
+        "no pod watch metrics"
+    );
 
     let resolve = format!("{RELAY_HOST}:443:{PROVIDER_V4}");
     let host = s.host_curl(RELAYED, &["--resolve", &resolve]).expect("host curl");
