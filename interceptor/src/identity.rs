@@ -134,7 +134,10 @@ impl Enricher {
         ProcessDetails {
             exe: std::fs::read_link(proc_dir.join("exe")).ok(),
             cmdline: raw_cmdline.as_deref().and_then(format_cmdline),
-            cmdline_hash: raw_cmdline.as_deref().filter(|raw| !raw.is_empty()).map(cmdline_hash),
+            cmdline_hash: raw_cmdline
+                .as_deref()
+                .filter(|raw| !raw.is_empty())
+                .map(cmdline_hash),
             user: self.user_name(facts.uid),
             placement: cgroup.as_deref().map(container::parse).unwrap_or_default(),
             cgroup,

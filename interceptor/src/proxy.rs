@@ -24,8 +24,8 @@ use crate::accounting::AccountingSettings;
 use crate::ebpf::AttributionMap;
 use crate::identity::Enricher;
 use crate::kubernetes::PodAttribution;
-use crate::selector::SelectorMatcher;
 use crate::providers::domain_matches;
+use crate::selector::SelectorMatcher;
 use crate::tls::leaf::LeafCerts;
 use crate::tls::upstream::Upstream;
 

@@ -109,9 +109,10 @@ impl SelectorMatcher {
                 .namespace
                 .as_ref()
                 .is_none_or(|g| pod.is_some_and(|p| g.is_match(&*p.namespace)))
-            && self.service_account.as_deref().is_none_or(|sa| {
-                pod.and_then(|p| p.service_account.as_deref()) == Some(sa)
-            })
+            && self
+                .service_account
+                .as_deref()
+                .is_none_or(|sa| pod.and_then(|p| p.service_account.as_deref()) == Some(sa))
             && self.workload.as_ref().is_none_or(|g| {
                 pod.is_some_and(|p| g.is_match(format!("{}/{}", p.workload.kind, p.workload.name)))
             })
@@ -190,26 +191,54 @@ mod tests {
     fn process_fields_match_on_every_given_field() {
         let m = compile("{exe: \"/usr/bin/*\", uid: 1000}").expect("valid");
         let (f, d) = (facts("curl", 1000), details(Some("/usr/bin/curl"), None));
-        assert!(m.matches(&Identity { facts: &f, details: &d, pod: None }));
+        assert!(m.matches(&Identity {
+            facts: &f,
+            details: &d,
+            pod: None
+        }));
         let f0 = facts("curl", 0);
-        assert!(!m.matches(&Identity { facts: &f0, details: &d, pod: None }));
+        assert!(!m.matches(&Identity {
+            facts: &f0,
+            details: &d,
+            pod: None
+        }));
         let other = details(Some("/usr/local/bin/curl"), None);
-        assert!(!m.matches(&Identity { facts: &f, details: &other, pod: None }));
+        assert!(!m.matches(&Identity {
+            facts: &f,
+            details: &other,
+            pod: None
+        }));
         let unknown = details(None, None);
         assert!(
-            !m.matches(&Identity { facts: &f, details: &unknown, pod: None }),
+            !m.matches(&Identity {
+                facts: &f,
+                details: &unknown,
+                pod: None
+            }),
             "an unknown exe never matches an exe glob"
         );
         let m = compile("{cgroup: \"/kubepods.slice/**\"}").expect("valid");
         let d = details(None, Some("/kubepods.slice/a/b.scope"));
-        assert!(m.matches(&Identity { facts: &f, details: &d, pod: None }));
+        assert!(m.matches(&Identity {
+            facts: &f,
+            details: &d,
+            pod: None
+        }));
     }
 
     #[test]
     fn pod_fields_match_the_pod_and_never_an_unknown_one() {
         let (f, d, p) = (facts("python3", 0), details(None, None), pod());
-        let with_pod = Identity { facts: &f, details: &d, pod: Some(&p) };
-        let without = Identity { facts: &f, details: &d, pod: None };
+        let with_pod = Identity {
+            facts: &f,
+            details: &d,
+            pod: Some(&p),
+        };
+        let without = Identity {
+            facts: &f,
+            details: &d,
+            pod: None,
+        };
         for yaml in [
             "{namespace: \"team-*\"}",
             "{workload: Deployment/chat}",
@@ -230,15 +259,30 @@ mod tests {
             "{podLabels: {app: chat, tier: db}}",
             "{namespace: team-a, comm: curl}",
         ] {
-            assert!(!compile(yaml).expect(yaml).matches(&with_pod), "{yaml} must not match");
+            assert!(
+                !compile(yaml).expect(yaml).matches(&with_pod),
+                "{yaml} must not match"
+            );
         }
     }
 
     #[test]
     fn bad_selectors_are_explained() {
         assert!(compile("{}").expect_err("empty").contains("empty selector"));
-        assert!(compile("{exe: \"[\"}").expect_err("glob").contains("not a valid glob"));
-        assert!(compile("{workload: chat}").expect_err("kind").contains("Kind/name"));
-        assert!(compile("{namespce: a}").expect_err("typo").contains("unknown field"));
+        assert!(
+            compile("{exe: \"[\"}")
+                .expect_err("glob")
+                .contains("not a valid glob")
+        );
+        assert!(
+            compile("{workload: chat}")
+                .expect_err("kind")
+                .contains("Kind/name")
+        );
+        assert!(
+            compile("{namespce: a}")
+                .expect_err("typo")
+                .contains("unknown field")
+        );
     }
 }

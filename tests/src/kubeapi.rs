@@ -178,7 +178,10 @@ impl FakeKubeApi {
         let mut cluster = self.shared.cluster();
         cluster.resource_version += 1;
         let rv = cluster.resource_version;
-        let namespace = object["metadata"]["namespace"].as_str().unwrap_or("default").to_owned();
+        let namespace = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_owned();
         let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
         if object["metadata"]["uid"].is_null() {
             cluster.next_uid += 1;
@@ -189,7 +192,11 @@ impl FakeKubeApi {
         object["kind"] = json!(resource.kind());
         object["apiVersion"] = json!(resource.api_version());
         let key = (resource, namespace, name);
-        let kind = if cluster.objects.contains_key(&key) { "MODIFIED" } else { "ADDED" };
+        let kind = if cluster.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
         cluster.objects.insert(key, object.clone());
         let change = Change {
             resource_version: rv,
@@ -325,7 +332,11 @@ pub fn pod(
 
 /// An object of kind `ReplicaSet`/`Job` owned by a `Deployment`/`CronJob` named `owner`.
 pub fn owned(resource: Resource, namespace: &str, name: &str, owner_kind: &str, owner: &str) -> Value {
-    let owner_api = if owner_kind == "CronJob" { "batch/v1" } else { "apps/v1" };
+    let owner_api = if owner_kind == "CronJob" {
+        "batch/v1"
+    } else {
+        "apps/v1"
+    };
     json!({
         "metadata": {
             "name": name, "namespace": namespace, "uid": format!("uid-{name}"),
@@ -344,7 +355,10 @@ pub fn owned(resource: Resource, namespace: &str, name: &str, owner_kind: &str, 
 type Body = BoxBody<Bytes, std::io::Error>;
 
 async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>) {
-    let listener = match listener.set_nonblocking(true).and_then(|()| TcpListener::from_std(listener)) {
+    let listener = match listener
+        .set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(listener))
+    {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("fake API server: cannot register its listener: {e}");
@@ -380,9 +394,10 @@ fn full(status: StatusCode, body: Value) -> Response<Body> {
             .boxed(),
     );
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -435,7 +450,12 @@ struct Selector(Vec<(String, String)>);
 impl Selector {
     fn parse(text: Option<&String>, fields: bool) -> Result<Self, String> {
         let mut terms = Vec::new();
-        for term in text.map(String::as_str).unwrap_or_default().split(',').filter(|t| !t.is_empty()) {
+        for term in text
+            .map(String::as_str)
+            .unwrap_or_default()
+            .split(',')
+            .filter(|t| !t.is_empty())
+        {
             let (key, value) = term
                 .split_once("==")
                 .or_else(|| term.split_once('='))
@@ -487,7 +507,10 @@ impl Filter {
 
 async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Body> {
     let uri = request.uri().clone();
-    shared.cluster().requests.push(format!("{} {}", request.method(), uri));
+    shared
+        .cluster()
+        .requests
+        .push(format!("{} {}", request.method(), uri));
     let authorized = request
         .headers()
         .get(http::header::AUTHORIZATION)
@@ -497,10 +520,18 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
         return error(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
     }
     if request.method() != http::Method::GET {
-        return error(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "the fake serves GET only");
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "the fake serves GET only",
+        );
     }
     let Some(target) = parse_target(&uri) else {
-        return error(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource");
+        return error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
     };
     if let Some(name) = &target.name {
         let namespace = target.namespace.clone().unwrap_or_default();
@@ -546,7 +577,10 @@ fn list_response(shared: &Shared, target: &Target, filter: &Filter) -> Response<
         .unwrap_or(usize::MAX);
     // continue token: "<resourceVersion of the first page>/<offset>" (opaque to clients).
     let (snapshot_rv, offset) = match target.query.get("continue") {
-        Some(token) => match token.split_once('/').and_then(|(rv, off)| Some((rv.parse::<u64>().ok()?, off.parse::<usize>().ok()?))) {
+        Some(token) => match token
+            .split_once('/')
+            .and_then(|(rv, off)| Some((rv.parse::<u64>().ok()?, off.parse::<usize>().ok()?)))
+        {
             Some((rv, _)) if rv < cluster.compacted => {
                 return error(
                     StatusCode::GONE,
@@ -640,7 +674,9 @@ fn watch_response(shared: &Arc<Shared>, target: &Target, filter: Filter) -> Resp
         let mut last = from;
         for change in backlog {
             last = change.resource_version;
-            if filter.matches(change.resource, &change.object) && sender.send(Ok(line(change.kind, change.object))).await.is_err() {
+            if filter.matches(change.resource, &change.object)
+                && sender.send(Ok(line(change.kind, change.object))).await.is_err()
+            {
                 return;
             }
         }
@@ -678,9 +714,10 @@ fn watch_response(shared: &Arc<Shared>, target: &Target, filter: Filter) -> Resp
         }
     });
     let mut response = Response::new(http_body_util::BodyExt::boxed(StreamBody::new(stream)));
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -691,7 +728,9 @@ fn line(kind: &str, object: Value) -> Frame<Bytes> {
 }
 
 /// A body stream fed by a task through a bounded channel.
-fn channel_stream<F, Fut>(producer: F) -> impl futures::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send + Sync + 'static
+fn channel_stream<F, Fut>(
+    producer: F,
+) -> impl futures::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send + Sync + 'static
 where
     F: FnOnce(tokio::sync::mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,

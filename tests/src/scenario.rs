@@ -146,8 +146,18 @@ impl Scenario {
     }
 
     /// Runs curl in `pod`, trusting the enterprise CA or only the test public CA.
-    pub fn curl_in(&self, pod: &Pod, trust_enterprise: bool, url: &str, extra: &[&str]) -> anyhow::Result<Curl> {
-        let ca = if trust_enterprise { &self.enterprise_ca } else { &self.ca_path };
+    pub fn curl_in(
+        &self,
+        pod: &Pod,
+        trust_enterprise: bool,
+        url: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Curl> {
+        let ca = if trust_enterprise {
+            &self.enterprise_ca
+        } else {
+            &self.ca_path
+        };
         let args = Self::curl_args(ca, url, extra);
         Curl::run(pod.command("curl", &args.iter().map(String::as_str).collect::<Vec<_>>()))
     }

@@ -45,7 +45,9 @@ fn count(requests: &[String], predicate: impl Fn(&str) -> bool) -> usize {
 
 fn query_value<'a>(request: &'a str, key: &str) -> Option<&'a str> {
     let query = request.split_once('?')?.1;
-    query.split('&').find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
 }
 
 fn is_pod_list(request: &str) -> bool {
@@ -53,19 +55,80 @@ fn is_pod_list(request: &str) -> bool {
 }
 
 fn seed(api: &FakeKubeApi) {
-    api.apply(Resource::ReplicaSets, owned(Resource::ReplicaSets, "team-a", RS_CHAT, "Deployment", "chat"));
-    api.apply(Resource::Jobs, owned(Resource::Jobs, "team-b", "nightly-29390000", "CronJob", "nightly"));
+    api.apply(
+        Resource::ReplicaSets,
+        owned(Resource::ReplicaSets, "team-a", RS_CHAT, "Deployment", "chat"),
+    );
+    api.apply(
+        Resource::Jobs,
+        owned(Resource::Jobs, "team-b", "nightly-29390000", "CronJob", "nightly"),
+    );
     let rs = Some(("apps/v1", "ReplicaSet", RS_CHAT));
     let hash = ("pod-template-hash", "7d9f8b6c5d");
-    api.apply(Resource::Pods, pod("team-a", "chat-a", "uid-chat-a", NODE, "chat-sa", &[("app", "chat"), hash], rs));
-    api.apply(Resource::Pods, pod("team-a", "chat-b", "uid-chat-b", NODE, "chat-sa", &[("app", "chat"), hash], rs));
     api.apply(
         Resource::Pods,
-        pod("team-b", "nightly-x", "uid-nightly", NODE, "batch", &[], Some(("batch/v1", "Job", "nightly-29390000"))),
+        pod(
+            "team-a",
+            "chat-a",
+            "uid-chat-a",
+            NODE,
+            "chat-sa",
+            &[("app", "chat"), hash],
+            rs,
+        ),
     );
-    api.apply(Resource::Pods, pod("team-b", "db-0", "uid-db", NODE, "db", &[], Some(("apps/v1", "StatefulSet", "db"))));
-    api.apply(Resource::Pods, pod("team-c", "bare", "uid-bare", NODE, "default", &[], None));
-    api.apply(Resource::Pods, pod("team-a", "elsewhere", "uid-elsewhere", "node-2", "chat-sa", &[], rs));
+    api.apply(
+        Resource::Pods,
+        pod(
+            "team-a",
+            "chat-b",
+            "uid-chat-b",
+            NODE,
+            "chat-sa",
+            &[("app", "chat"), hash],
+            rs,
+        ),
+    );
+    api.apply(
+        Resource::Pods,
+        pod(
+            "team-b",
+            "nightly-x",
+            "uid-nightly",
+            NODE,
+            "batch",
+            &[],
+            Some(("batch/v1", "Job", "nightly-29390000")),
+        ),
+    );
+    api.apply(
+        Resource::Pods,
+        pod(
+            "team-b",
+            "db-0",
+            "uid-db",
+            NODE,
+            "db",
+            &[],
+            Some(("apps/v1", "StatefulSet", "db")),
+        ),
+    );
+    api.apply(
+        Resource::Pods,
+        pod("team-c", "bare", "uid-bare", NODE, "default", &[], None),
+    );
+    api.apply(
+        Resource::Pods,
+        pod(
+            "team-a",
+            "elsewhere",
+            "uid-elsewhere",
+            "node-2",
+            "chat-sa",
+            &[],
+            rs,
+        ),
+    );
     // Its ReplicaSet is gone: the Deployment is inferred from the names.
     api.apply(
         Resource::Pods,
@@ -148,7 +211,9 @@ fn the_pod_watch_follows_the_api_through_bookmarks_drops_gone_and_outages() {
     seed(&api);
     let watch = Watch::start(api.write_kubeconfig(&dir).expect("kubeconfig"));
     let directory = watch.pods.directory.clone();
-    wait_until("the first list", Duration::from_secs(10), || directory.is_synced());
+    wait_until("the first list", Duration::from_secs(10), || {
+        directory.is_synced()
+    });
 
     // Only this node's pods, with their workloads.
     assert!(!watch.has("uid-elsewhere"), "a pod of another node");
@@ -159,16 +224,37 @@ fn the_pod_watch_follows_the_api_through_bookmarks_drops_gone_and_outages() {
     assert_eq!(chat.service_account.as_deref(), Some("chat-sa"));
     assert_eq!(chat.label("app"), Some("chat"));
     assert_eq!(chat.node.as_deref(), Some(NODE));
-    let workload = |uid: &str| directory.get(uid).map(|p| (p.workload.to_string(), p.workload_source));
-    assert_eq!(workload("uid-chat-b"), Some(("Deployment/chat".into(), WorkloadSource::Resolved)));
-    assert_eq!(workload("uid-nightly"), Some(("CronJob/nightly".into(), WorkloadSource::Resolved)));
-    assert_eq!(workload("uid-db"), Some(("StatefulSet/db".into(), WorkloadSource::Direct)));
-    assert_eq!(workload("uid-bare"), Some(("Pod/bare".into(), WorkloadSource::Direct)));
-    assert_eq!(workload("uid-orphan"), Some(("Deployment/gone".into(), WorkloadSource::Inferred)));
+    let workload = |uid: &str| {
+        directory
+            .get(uid)
+            .map(|p| (p.workload.to_string(), p.workload_source))
+    };
+    assert_eq!(
+        workload("uid-chat-b"),
+        Some(("Deployment/chat".into(), WorkloadSource::Resolved))
+    );
+    assert_eq!(
+        workload("uid-nightly"),
+        Some(("CronJob/nightly".into(), WorkloadSource::Resolved))
+    );
+    assert_eq!(
+        workload("uid-db"),
+        Some(("StatefulSet/db".into(), WorkloadSource::Direct))
+    );
+    assert_eq!(
+        workload("uid-bare"),
+        Some(("Pod/bare".into(), WorkloadSource::Direct))
+    );
+    assert_eq!(
+        workload("uid-orphan"),
+        Some(("Deployment/gone".into(), WorkloadSource::Inferred))
+    );
 
     let requests = api.requests();
     assert_eq!(
-        count(&requests, |r| r.starts_with(&format!("GET /apis/apps/v1/namespaces/team-a/replicasets/{RS_CHAT}"))),
+        count(&requests, |r| r.starts_with(&format!(
+            "GET /apis/apps/v1/namespaces/team-a/replicasets/{RS_CHAT}"
+        ))),
         1,
         "two pods of one ReplicaSet cost one owner lookup: {requests:#?}"
     );
@@ -179,31 +265,72 @@ fn the_pod_watch_follows_the_api_through_bookmarks_drops_gone_and_outages() {
             && query_value(r, "resourceVersion") == Some("0")),
         "the list is limited to this node and served from the API server's cache: {requests:#?}"
     );
-    assert_eq!(count(&requests, |r| r.starts_with("GET /api/v1/pods?") && r.contains("watch=true")), 1);
+    assert_eq!(
+        count(&requests, |r| r.starts_with("GET /api/v1/pods?")
+            && r.contains("watch=true")),
+        1
+    );
 
     // A write elsewhere moves the resource version; a bookmark tells the watch, which then resumes
     // from it after a dropped connection, without a relist.
-    let job = api.apply(Resource::Jobs, owned(Resource::Jobs, "team-b", "other-job", "CronJob", "other"));
-    let bookmark_rv = job["metadata"]["resourceVersion"].as_str().expect("rv").to_owned();
+    let job = api.apply(
+        Resource::Jobs,
+        owned(Resource::Jobs, "team-b", "other-job", "CronJob", "other"),
+    );
+    let bookmark_rv = job["metadata"]["resourceVersion"]
+        .as_str()
+        .expect("rv")
+        .to_owned();
     api.bookmark();
     std::thread::sleep(Duration::from_millis(300));
     api.drop_watches();
-    api.apply(Resource::Pods, pod("team-a", "after-drop", "uid-after-drop", NODE, "chat-sa", &[], None));
-    wait_until("the pod added after the drop", Duration::from_secs(10), || watch.has("uid-after-drop"));
+    api.apply(
+        Resource::Pods,
+        pod(
+            "team-a",
+            "after-drop",
+            "uid-after-drop",
+            NODE,
+            "chat-sa",
+            &[],
+            None,
+        ),
+    );
+    wait_until("the pod added after the drop", Duration::from_secs(10), || {
+        watch.has("uid-after-drop")
+    });
     let requests = api.requests();
-    assert_eq!(count(&requests, is_pod_list), 1, "a dropped watch resumes without a relist: {requests:#?}");
+    assert_eq!(
+        count(&requests, is_pod_list),
+        1,
+        "a dropped watch resumes without a relist: {requests:#?}"
+    );
     assert!(
         requests
             .iter()
-            .any(|r| r.contains("watch=true") && query_value(r, "resourceVersion") == Some(bookmark_rv.as_str())),
+            .any(|r| r.contains("watch=true")
+                && query_value(r, "resourceVersion") == Some(bookmark_rv.as_str())),
         "the watch resumed from the bookmark's version {bookmark_rv}: {requests:#?}"
     );
 
     // History compacted: resuming gets 410 Gone, the watch relists.
     api.compact();
     api.drop_watches();
-    api.apply(Resource::Pods, pod("team-a", "after-gone", "uid-after-gone", NODE, "chat-sa", &[], None));
-    wait_until("the pod added after the 410", Duration::from_secs(10), || watch.has("uid-after-gone"));
+    api.apply(
+        Resource::Pods,
+        pod(
+            "team-a",
+            "after-gone",
+            "uid-after-gone",
+            NODE,
+            "chat-sa",
+            &[],
+            None,
+        ),
+    );
+    wait_until("the pod added after the 410", Duration::from_secs(10), || {
+        watch.has("uid-after-gone")
+    });
     assert_eq!(count(&api.requests(), is_pod_list), 2, "a 410 forces one relist");
     assert!(watch.has("uid-chat-a"), "the relist keeps the pods");
     assert!(metric(&watch.registry, "interceptor_kubernetes_watch_events_total") >= 2.0);
@@ -212,16 +339,34 @@ fn the_pod_watch_follows_the_api_through_bookmarks_drops_gone_and_outages() {
     api.delete(Resource::Pods, "team-b", "db-0");
     std::thread::sleep(Duration::from_millis(150));
     assert!(watch.has("uid-db"), "still found during the grace period");
-    wait_until("the deleted pod to leave", Duration::from_secs(5), || !watch.has("uid-db"));
+    wait_until("the deleted pod to leave", Duration::from_secs(5), || {
+        !watch.has("uid-db")
+    });
 
     // The API goes away: what is known stays, errors are counted, the watch comes back by itself.
     api.stop();
     std::thread::sleep(Duration::from_secs(3));
-    assert!(watch.has("uid-chat-a") && watch.has("uid-nightly"), "known pods stay while the API is away");
+    assert!(
+        watch.has("uid-chat-a") && watch.has("uid-nightly"),
+        "known pods stay while the API is away"
+    );
     assert!(metric(&watch.registry, "interceptor_kubernetes_watch_errors_total") >= 1.0);
     api.restart().expect("the API comes back");
-    api.apply(Resource::Pods, pod("team-a", "after-outage", "uid-after-outage", NODE, "chat-sa", &[], None));
-    wait_until("the pod added after the outage", Duration::from_secs(15), || watch.has("uid-after-outage"));
+    api.apply(
+        Resource::Pods,
+        pod(
+            "team-a",
+            "after-outage",
+            "uid-after-outage",
+            NODE,
+            "chat-sa",
+            &[],
+            None,
+        ),
+    );
+    wait_until("the pod added after the outage", Duration::from_secs(15), || {
+        watch.has("uid-after-outage")
+    });
     assert_eq!(metric(&watch.registry, "interceptor_kubernetes_synced"), 1.0);
     drop(watch);
     let _ = std::fs::remove_dir_all(&dir);
@@ -235,9 +380,13 @@ fn a_bad_token_is_an_error_the_watch_retries_and_counts() {
     seed(&api);
     let path = api.write_kubeconfig(&dir).expect("kubeconfig");
     let watch = Watch::start(path.clone());
-    wait_until("the first list", Duration::from_secs(10), || watch.pods.directory.is_synced());
+    wait_until("the first list", Duration::from_secs(10), || {
+        watch.pods.directory.is_synced()
+    });
     // Same server, wrong token: every call is refused with 401, counted, retried.
-    let text = std::fs::read_to_string(&path).expect("read").replace(tests::kubeapi::TOKEN, "wrong");
+    let text = std::fs::read_to_string(&path)
+        .expect("read")
+        .replace(tests::kubeapi::TOKEN, "wrong");
     let bad_path = dir.join("bad-kubeconfig");
     std::fs::write(&bad_path, text).expect("write");
     let bad = Watch::start(bad_path);

@@ -61,7 +61,10 @@ async fn host_and_pod_connections_are_redirected_and_attributed() {
         "no Kubernetes warnings without Kubernetes: {logs:#?}"
     );
     assert!(
-        !s.daemon.metrics().expect("scrape").contains("interceptor_kubernetes_"),
+        !s.daemon
+            .metrics()
+            .expect("scrape")
+            .contains("interceptor_kubernetes_"),
         "no pod watch metrics"
     );
 

@@ -27,6 +27,10 @@ pub enum Which {
         #[arg(long, default_value_t = 64)]
         megabytes: u32,
     },
+    /// Identity resolution per new connection (details cache hit and miss, pod lookup among 10,000
+    /// pods) against a loopback connect+accept, and the memory of 10,000 pods against full API
+    /// objects (no privileges needed).
+    Attribution,
 }
 
 pub fn run(root: &Path, which: Which) -> anyhow::Result<()> {
@@ -39,11 +43,15 @@ pub fn run(root: &Path, which: Which) -> anyhow::Result<()> {
         "tests",
         "--bins",
     ])?;
-    if !matches!(which, Which::Parse { .. }) {
+    if matches!(which, Which::Connect { .. } | Which::Proxy { .. }) {
         sh::require_root("the benchmarks (they attach eBPF programs and create network namespaces)")?;
     }
     let binary = root.join("target/release/interceptor");
-    let mut command = Command::new(root.join("target/release/interceptor-bench"));
+    let driver = match which {
+        Which::Attribution => "target/release/interceptor-bench-attribution",
+        _ => "target/release/interceptor-bench",
+    };
+    let mut command = Command::new(root.join(driver));
     command.env("INTERCEPTOR_BIN", &binary);
     // Only the daemon's ready line: per-request logging is not what is measured.
     command.env("INTERCEPTOR_TEST_LOG", "warn,interceptor::app=info");
@@ -53,6 +61,7 @@ pub fn run(root: &Path, which: Which) -> anyhow::Result<()> {
         }
         Which::Proxy { seconds } => command.args(["proxy", "--seconds", &seconds.to_string()]),
         Which::Parse { megabytes } => command.args(["parse", "--megabytes", &megabytes.to_string()]),
+        Which::Attribution => &mut command,
     };
     sh::status(&mut command)
 }

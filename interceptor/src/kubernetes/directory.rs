@@ -121,12 +121,16 @@ impl PodDirectory {
     pub fn sweep(&self, now: Instant) -> usize {
         let mut pods = self.pods.write().unwrap_or_else(|p| p.into_inner());
         let before = pods.len();
-        pods.retain(|_, e| e.departed.is_none_or(|at| now.saturating_duration_since(at) < self.grace));
+        pods.retain(|_, e| {
+            e.departed
+                .is_none_or(|at| now.saturating_duration_since(at) < self.grace)
+        });
         before - pods.len()
     }
 
     fn notify(&self) {
-        self.changes.send_modify(|generation| *generation = generation.wrapping_add(1));
+        self.changes
+            .send_modify(|generation| *generation = generation.wrapping_add(1));
     }
 }
 
@@ -169,7 +173,10 @@ mod tests {
         assert!(!directory.is_synced());
         directory.replace_all(vec![pod("b", "two-renamed"), pod("c", "three")], start);
         assert!(directory.is_synced());
-        assert_eq!(directory.get("b").map(|p| p.name.to_string()), Some("two-renamed".into()));
+        assert_eq!(
+            directory.get("b").map(|p| p.name.to_string()),
+            Some("two-renamed".into())
+        );
         assert_eq!(directory.len(), 3);
         assert_eq!(directory.sweep(start + Duration::from_secs(11)), 1);
         assert!(directory.get("a").is_none());

@@ -211,7 +211,11 @@ pub async fn start(
     };
     let metrics = KubernetesMetrics::register(registry)?;
     let directory = Arc::new(PodDirectory::new(settings.departed_grace));
-    let owners = owners::OwnerResolver::new(client.clone(), settings.owner_timeout, metrics.owner_lookups.clone());
+    let owners = owners::OwnerResolver::new(
+        client.clone(),
+        settings.owner_timeout,
+        metrics.owner_lookups.clone(),
+    );
     tasks.spawn(watch::run(
         client,
         settings.watch.clone(),

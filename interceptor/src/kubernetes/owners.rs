@@ -135,8 +135,18 @@ impl OwnerResolver {
         let client = self.client.clone();
         let request = async {
             let metadata: ObjectMeta = match kind {
-                Intermediate::ReplicaSet => Api::<ReplicaSet>::namespaced(client, namespace).get(name).await?.metadata,
-                Intermediate::Job => Api::<Job>::namespaced(client, namespace).get(name).await?.metadata,
+                Intermediate::ReplicaSet => {
+                    Api::<ReplicaSet>::namespaced(client, namespace)
+                        .get(name)
+                        .await?
+                        .metadata
+                }
+                Intermediate::Job => {
+                    Api::<Job>::namespaced(client, namespace)
+                        .get(name)
+                        .await?
+                        .metadata
+                }
             };
             Ok::<_, kube::Error>(metadata)
         };
@@ -167,4 +177,3 @@ fn infer(kind: Intermediate, owner: &OwnerReference, pod: &PodFacts) -> Workload
         Intermediate::Job => Workload::new("Job", &owner.name),
     }
 }
-

@@ -111,10 +111,7 @@ impl PodFacts {
     }
 
     pub fn label(&self, key: &str) -> Option<&str> {
-        self.labels
-            .iter()
-            .find(|(k, _)| &**k == key)
-            .map(|(_, v)| &**v)
+        self.labels.iter().find(|(k, _)| &**k == key).map(|(_, v)| &**v)
     }
 
     pub fn into_identity(self, workload: Workload, workload_source: WorkloadSource) -> PodIdentity {
@@ -193,7 +190,10 @@ mod tests {
             status: None,
         };
         let facts = PodFacts::from_pod(&pod).expect("complete pod");
-        assert_eq!(facts.controller.as_ref().map(|o| o.kind.as_str()), Some("ReplicaSet"));
+        assert_eq!(
+            facts.controller.as_ref().map(|o| o.kind.as_str()),
+            Some("ReplicaSet")
+        );
         assert_eq!(facts.label("app"), Some("chat"));
         let identity = facts.into_identity(Workload::new("Deployment", "chat"), WorkloadSource::Resolved);
         assert_eq!(identity.label("pod-template-hash"), Some("7d9f8b6c5d"));
@@ -209,7 +209,10 @@ mod tests {
 
     #[test]
     fn deployment_name_is_inferred_only_from_a_matching_hash() {
-        assert_eq!(infer_deployment("chat-7d9f8b6c5d", Some("7d9f8b6c5d")), Some("chat"));
+        assert_eq!(
+            infer_deployment("chat-7d9f8b6c5d", Some("7d9f8b6c5d")),
+            Some("chat")
+        );
         assert_eq!(infer_deployment("my-api-v2-5c9", Some("5c9")), Some("my-api-v2"));
         assert_eq!(infer_deployment("chat-7d9f8b6c5d", Some("other")), None);
         assert_eq!(infer_deployment("chat-7d9f8b6c5d", None), None);

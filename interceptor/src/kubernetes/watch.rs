@@ -186,7 +186,10 @@ mod tests {
     fn backoff_grows_to_the_maximum_and_resets() {
         let mut backoff = WatchBackoff::new(Duration::from_secs(5));
         let first = backoff.next().expect("some");
-        assert!(first >= Duration::from_millis(600) && first < Duration::from_millis(1000), "{first:?}");
+        assert!(
+            first >= Duration::from_millis(600) && first < Duration::from_millis(1000),
+            "{first:?}"
+        );
         let later: Vec<Duration> = (&mut backoff).take(10).collect();
         assert!(later.iter().all(|d| *d <= Duration::from_secs(5)));
         assert!(later.last().is_some_and(|d| *d >= Duration::from_millis(3750)));
