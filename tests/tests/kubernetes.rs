@@ -226,6 +226,13 @@ async fn requests_carry_namespace_workload_service_account_and_exe() {
     assert_eq!(line["mode"], "passthrough_bypassed", "{line}");
     assert_eq!(line["namespace"], "legacy", "{line}");
     assert_eq!(line["workload"], "StatefulSet/pinned", "{line}");
+    assert_eq!(line["node"], NODE, "{line}");
+    let a_connection = s.daemon.connection_line(a.pid).expect("connection line of pod a");
+    assert_eq!(
+        a_connection["pod_labels"], "app=chat,pod-template-hash=7d9f8b6c5d",
+        "{a_connection}"
+    );
+    assert_eq!(a_connection["workload"], "Deployment/chat", "{a_connection}");
 
     // A pod that never appears in the API: recorded as pod=unknown after the bounded wait.
     let ghost = post_chat(&s, &pod_ghost);

@@ -400,3 +400,129 @@ fn a_bad_token_is_an_error_the_watch_retries_and_counts() {
     drop(watch);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The fake answers the real `kube` client as an API server would for ReplicaSets and Jobs too: paged
+/// lists with `continue`, watches with ADDED/MODIFIED/DELETED, 404 and 410 Status errors.
+#[test]
+fn the_fake_api_serves_replicasets_and_jobs_to_the_real_client() {
+    use futures::StreamExt as _;
+    use k8s_openapi::api::apps::v1::ReplicaSet;
+    use k8s_openapi::api::batch::v1::Job;
+    use kube::api::{Api, ListParams, WatchEvent, WatchParams};
+
+    let dir = std::env::temp_dir().join(format!("ict-kube-fake-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let api = FakeKubeApi::start().expect("fake API server");
+    for i in 0..5 {
+        api.apply(
+            Resource::ReplicaSets,
+            owned(
+                Resource::ReplicaSets,
+                "team-a",
+                &format!("web-{i}"),
+                "Deployment",
+                "web",
+            ),
+        );
+    }
+    api.apply(
+        Resource::Jobs,
+        owned(Resource::Jobs, "team-b", "nightly-1", "CronJob", "nightly"),
+    );
+    let path = api.write_kubeconfig(&dir).expect("kubeconfig");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&path).expect("kubeconfig reads");
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .expect("config");
+        let client = kube::Client::try_from(config).expect("client");
+        let replicasets: Api<ReplicaSet> = Api::namespaced(client.clone(), "team-a");
+
+        // Pages of two, chained by `continue`.
+        let mut names = Vec::new();
+        let mut params = ListParams::default().limit(2);
+        loop {
+            let page = replicasets.list(&params).await.expect("list page");
+            names.extend(page.items.iter().filter_map(|rs| rs.metadata.name.clone()));
+            match page.metadata.continue_ {
+                Some(token) if !token.is_empty() => params = params.continue_token(&token),
+                _ => break,
+            }
+        }
+        assert_eq!(names, ["web-0", "web-1", "web-2", "web-3", "web-4"]);
+        let owner = replicasets
+            .get("web-3")
+            .await
+            .expect("get")
+            .metadata
+            .owner_references;
+        assert_eq!(
+            owner.and_then(|o| o.first().map(|o| o.name.clone())).as_deref(),
+            Some("web")
+        );
+        match replicasets.get("missing").await {
+            Err(kube::Error::Api(status)) => assert_eq!(status.code, 404),
+            other => panic!("a missing object is a 404 Status: {other:?}"),
+        }
+
+        // A watch from the list's version sees later changes, in order.
+        let jobs: Api<Job> = Api::all(client.clone());
+        let version = jobs
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .metadata
+            .resource_version
+            .expect("rv");
+        let mut stream = jobs
+            .watch(&WatchParams::default(), &version)
+            .await
+            .expect("watch")
+            .boxed();
+        api.apply(
+            Resource::Jobs,
+            owned(Resource::Jobs, "team-b", "nightly-2", "CronJob", "nightly"),
+        );
+        api.apply(
+            Resource::Jobs,
+            owned(Resource::Jobs, "team-b", "nightly-2", "CronJob", "nightly"),
+        );
+        api.delete(Resource::Jobs, "team-b", "nightly-1");
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            match stream.next().await.expect("an event").expect("decodes") {
+                WatchEvent::Added(job) => {
+                    seen.push(format!("added {}", job.metadata.name.unwrap_or_default()))
+                }
+                WatchEvent::Modified(job) => {
+                    seen.push(format!("modified {}", job.metadata.name.unwrap_or_default()))
+                }
+                WatchEvent::Deleted(job) => {
+                    seen.push(format!("deleted {}", job.metadata.name.unwrap_or_default()))
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(
+            seen,
+            ["added nightly-2", "modified nightly-2", "deleted nightly-1"]
+        );
+
+        // After compaction the old version is gone: an ERROR event carrying a 410 Status.
+        api.compact();
+        let mut stream = jobs
+            .watch(&WatchParams::default(), &version)
+            .await
+            .expect("watch")
+            .boxed();
+        match stream.next().await.expect("an event").expect("decodes") {
+            WatchEvent::Error(status) => assert_eq!((status.code, status.reason.as_str()), (410, "Expired")),
+            other => panic!("expected 410 Gone, got {other:?}"),
+        }
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -71,6 +71,20 @@ impl PodIdentity {
             .ok()
             .map(|i| &*self.labels[i].1)
     }
+
+    /// The labels as `key=value` pairs separated by commas (a label selector's syntax).
+    pub fn labels_text(&self) -> String {
+        let mut text = String::new();
+        for (i, (key, value)) in self.labels.iter().enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            text.push_str(key);
+            text.push('=');
+            text.push_str(value);
+        }
+        text
+    }
 }
 
 /// The fields of a pod object the directory needs, before its workload is resolved.
@@ -198,6 +212,7 @@ mod tests {
         let identity = facts.into_identity(Workload::new("Deployment", "chat"), WorkloadSource::Resolved);
         assert_eq!(identity.label("pod-template-hash"), Some("7d9f8b6c5d"));
         assert_eq!(identity.label("missing"), None);
+        assert_eq!(identity.labels_text(), "app=chat,pod-template-hash=7d9f8b6c5d");
         assert_eq!(identity.workload.to_string(), "Deployment/chat");
         assert_eq!(identity.service_account.as_deref(), Some("chat-sa"));
     }

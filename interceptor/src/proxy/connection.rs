@@ -286,6 +286,8 @@ fn log_connection(
         pod = pod.map(|p| &*p.name),
         workload = pod.map(|p| p.workload.to_string()),
         service_account = pod.and_then(|p| p.service_account.as_deref()),
+        pod_labels = pod.map(|p| p.labels_text()),
+        node = pod.and_then(|p| p.node.as_deref()),
         pod_uid = details.placement.pod_uid.as_deref(),
         qos_class = details.placement.qos.map(|q| q.name()),
         container_runtime = details.placement.container.as_ref().map(|c| c.runtime.name()),
