@@ -6,7 +6,7 @@ use std::process::Command;
 
 use crate::sh;
 
-#[derive(Clone, Copy, clap::Subcommand)]
+#[derive(Clone, clap::Subcommand)]
 pub enum Which {
     /// connect() latency to a non-target and a target address, programs attached vs detached.
     Connect {
@@ -19,6 +19,15 @@ pub enum Which {
         /// Seconds per wrk run.
         #[arg(long, default_value_t = 5)]
         seconds: u32,
+        /// Only these paths (direct, intercepted, noaccounting, nginx), e.g. to profile one of them.
+        #[arg(long, value_delimiter = ',')]
+        paths: Vec<String>,
+        /// Only these workloads (chat, chat-stream, chat-newconn).
+        #[arg(long, value_delimiter = ',')]
+        workloads: Vec<String>,
+        /// Only these concurrencies (1, 16, 64).
+        #[arg(long, value_delimiter = ',')]
+        concurrency: Vec<u32>,
     },
     /// Usage-extraction throughput per provider stream and added latency per event, against a
     /// memchr line scan of the same bytes (no privileges needed).
@@ -59,7 +68,25 @@ pub fn run(root: &Path, which: Which) -> anyhow::Result<()> {
         Which::Connect { connections } => {
             command.args(["connect", "--connections", &connections.to_string()])
         }
-        Which::Proxy { seconds } => command.args(["proxy", "--seconds", &seconds.to_string()]),
+        Which::Proxy {
+            seconds,
+            paths,
+            workloads,
+            concurrency,
+        } => {
+            command.args(["proxy", "--seconds", &seconds.to_string()]);
+            if !paths.is_empty() {
+                command.args(["--paths", &paths.join(",")]);
+            }
+            if !workloads.is_empty() {
+                command.args(["--workloads", &workloads.join(",")]);
+            }
+            if !concurrency.is_empty() {
+                let list: Vec<String> = concurrency.iter().map(u32::to_string).collect();
+                command.args(["--concurrency", &list.join(",")]);
+            }
+            &mut command
+        }
         Which::Parse { megabytes } => command.args(["parse", "--megabytes", &megabytes.to_string()]),
         Which::Attribution => &mut command,
     };

@@ -19,7 +19,15 @@ fn main() -> anyhow::Result<()> {
         }
         Some("proxy") => {
             let seconds = flag(&args, "--seconds").unwrap_or(5);
-            proxy::run(seconds)
+            let only = proxy::Only {
+                paths: list(&args, "--paths"),
+                workloads: list(&args, "--workloads"),
+                concurrency: list(&args, "--concurrency")
+                    .iter()
+                    .filter_map(|c| c.parse().ok())
+                    .collect(),
+            };
+            proxy::run(seconds, &only)
         }
         Some("parse") => {
             let megabytes = flag(&args, "--megabytes").unwrap_or(64);
@@ -35,6 +43,15 @@ fn main() -> anyhow::Result<()> {
 mod parse;
 #[path = "bench/proxy.rs"]
 mod proxy;
+
+/// A comma-separated list flag (empty when absent).
+fn list(args: &[String], name: &str) -> Vec<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').map(str::to_owned).collect())
+        .unwrap_or_default()
+}
 
 fn flag(args: &[String], name: &str) -> Option<u32> {
     args.iter()

@@ -55,7 +55,37 @@ struct Sample {
     cpu_us_per_request: Vec<f64>,
 }
 
-pub fn run(seconds: u32) -> anyhow::Result<()> {
+/// A subset of the runs (all when empty), e.g. to profile one path under one load.
+#[derive(Default)]
+pub struct Only {
+    pub paths: Vec<String>,
+    pub workloads: Vec<String>,
+    pub concurrency: Vec<u32>,
+}
+
+impl Only {
+    fn path(&self, path: Path3) -> bool {
+        self.paths.is_empty()
+            || self
+                .paths
+                .iter()
+                .any(|p| *p == format!("{path:?}").to_lowercase())
+    }
+
+    fn workload(&self, name: &str) -> bool {
+        self.workloads.is_empty() || self.workloads.iter().any(|w| w == name)
+    }
+
+    fn concurrency(&self, concurrency: u32) -> bool {
+        self.concurrency.is_empty() || self.concurrency.contains(&concurrency)
+    }
+
+    fn is_all(&self) -> bool {
+        self.paths.is_empty() && self.workloads.is_empty() && self.concurrency.is_empty()
+    }
+}
+
+pub fn run(seconds: u32, only: &Only) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -113,6 +143,9 @@ pub fn run(seconds: u32) -> anyhow::Result<()> {
         Path3::Intercepted,
         Path3::Direct,
     ] {
+        if !only.path(path) {
+            continue;
+        }
         let daemon = match path {
             Path3::Intercepted | Path3::NoAccounting => {
                 let mut policy = policy("open");
@@ -132,9 +165,15 @@ pub fn run(seconds: u32) -> anyhow::Result<()> {
             Path3::Nginx => Some(nginx.worker_pid()?),
         };
         for (name, body, close) in WORKLOADS {
+            if !only.workload(name) {
+                continue;
+            }
             let script = node.dir.join(format!("{name}.lua"));
             std::fs::write(&script, wrk_script(body, close))?;
             for concurrency in CONCURRENCY {
+                if !only.concurrency(concurrency) {
+                    continue;
+                }
                 let url = match path {
                     Path3::Nginx => format!("https://nginx.local:{NGINX_PORT}/v1/chat/completions"),
                     _ => "https://api.openai.com/v1/chat/completions".to_owned(),
@@ -159,6 +198,17 @@ pub fn run(seconds: u32) -> anyhow::Result<()> {
         drop(daemon);
     }
     nginx.stop();
+    if !only.is_all() {
+        println!("\nbench proxy (subset): {seconds}s per run");
+        for (name, concurrency, path) in results.keys() {
+            let (rps, p50, p99, cpu) = mean_of(&results, name, *concurrency, *path);
+            println!(
+                "{name:<12} {concurrency:>4} {:<12} {rps:>10.0} req/s  p50 {p50:.2} ms  p99 {p99:.2} ms  cpu {cpu:.0} µs/req",
+                format!("{path:?}").to_lowercase()
+            );
+        }
+        return Ok(());
+    }
 
     println!();
     println!(
