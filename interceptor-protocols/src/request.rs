@@ -18,6 +18,10 @@ pub struct RequestFacts {
     pub include_usage: bool,
     /// `stream_options` is present (with or without `include_usage`).
     pub has_stream_options: bool,
+    /// The most output tokens the request allows: `max_tokens` (OpenAI chat, Anthropic),
+    /// `max_completion_tokens` (OpenAI), `max_output_tokens` (Responses API) or Gemini's
+    /// `generationConfig.maxOutputTokens`.
+    pub max_output_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -26,6 +30,17 @@ struct Probe<'a> {
     model: Option<Cow<'a, str>>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
+    #[serde(rename = "generationConfig")]
+    generation_config: Option<GenerationConfig>,
+}
+
+#[derive(Deserialize)]
+struct GenerationConfig {
+    #[serde(rename = "maxOutputTokens")]
+    max_output_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -49,6 +64,11 @@ pub fn probe(body: &[u8]) -> Result<RequestFacts, serde_json::Error> {
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
         has_stream_options: probe.stream_options.is_some(),
+        max_output_tokens: probe
+            .max_completion_tokens
+            .or(probe.max_tokens)
+            .or(probe.max_output_tokens)
+            .or(probe.generation_config.and_then(|g| g.max_output_tokens)),
     })
 }
 
@@ -101,6 +121,23 @@ mod tests {
         assert!(probe(b"not json").is_err());
         // Found by the fuzzer: serde reads structs from arrays too.
         assert!(probe(b"[\t\"t\",true\t,{}]\n").is_err());
+    }
+
+    #[test]
+    fn probes_the_output_limit_of_each_api() {
+        let limit = |body: &[u8]| probe(body).expect("probe").max_output_tokens;
+        assert_eq!(limit(br#"{"model":"m","max_tokens":100}"#), Some(100));
+        assert_eq!(
+            limit(br#"{"model":"m","max_tokens":100,"max_completion_tokens":50}"#),
+            Some(50)
+        );
+        assert_eq!(limit(br#"{"model":"m","max_output_tokens":70}"#), Some(70));
+        assert_eq!(
+            limit(br#"{"contents":[],"generationConfig":{"maxOutputTokens":30}}"#),
+            Some(30)
+        );
+        assert_eq!(limit(br#"{"model":"m"}"#), None);
+        assert!(probe(br#"{"model":"m","max_tokens":-1}"#).is_err());
     }
 
     #[test]

@@ -21,10 +21,13 @@ use crate::kubernetes::{self, KubernetesSettings, watch::WatchSettings};
 use crate::metrics::{self, EbpfCollector};
 use crate::policy::{FailureMode, Policy};
 use crate::proxy::{self, ProviderRoute, ProxyContext, ProxyMetrics};
+use crate::quota::{QuotaEngine, QuotaMetrics};
+use crate::reload::{self, ReloadMetrics, Reloadable};
 use crate::targets::{TargetDiscovery, TargetMetrics};
 use crate::tls::ca::{self, EnterpriseCa};
 use crate::tls::leaf::{LeafCerts, LeafMetrics};
 use crate::tls::upstream::Upstream;
+use arc_swap::ArcSwap;
 
 /// A running daemon.
 pub struct App {
@@ -50,9 +53,13 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         .validate()
         .map_err(anyhow::Error::msg)
         .context("invalid configuration")?;
-    let policy = match &config.policy {
-        Some(path) => Policy::load(path)?,
-        None => Policy::builtin()?,
+    let (policy, policy_text) = match &config.policy {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| crate::policy::PolicyError::Read(path.clone(), e))?;
+            (Policy::parse(&text, &path.display().to_string())?, text)
+        }
+        None => (Policy::builtin()?, crate::policy::DEFAULT_POLICY_YAML.to_owned()),
     };
     let ca = Arc::new(load_ca(&config)?);
     let upstream = Arc::new(
@@ -90,6 +97,13 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     let target_metrics = TargetMetrics::register(&registry)?;
     let readiness = Arc::new(Readiness::default());
     let leaf_metrics = LeafMetrics::register(&registry)?;
+    let quota = Arc::new(QuotaEngine::new(
+        policy.compiled_rules(),
+        QuotaMetrics::register(&registry)?,
+    ));
+    let bypass = Arc::new(ArcSwap::from_pointee(policy.bypass_matchers()));
+    let reload_metrics = ReloadMetrics::register(&registry)?;
+    reload_metrics.in_force(&policy_text, quota.rule_count());
     readiness.set_ca_loaded(true);
 
     let failure_mode = policy.interception.failure_mode;
@@ -124,6 +138,18 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     readiness.set_targets_installed(true);
     background.spawn(discovery.run(stop_background.clone()));
 
+    if let Some(path) = &config.policy {
+        background.spawn(reload::run(
+            path.clone(),
+            policy_text.clone(),
+            Reloadable {
+                quota: quota.clone(),
+                bypass: bypass.clone(),
+            },
+            reload_metrics.clone(),
+            stop_background.clone(),
+        ));
+    }
     let kubernetes = KubernetesSettings {
         mode: config.kubernetes,
         kubeconfig: config.kubeconfig.clone(),
@@ -172,8 +198,9 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         first_byte_timeout: config.first_byte_timeout,
         providers,
         accounting,
-        bypass: policy.bypass_matchers(),
+        bypass: bypass.clone(),
         pods,
+        quota: quota.clone(),
         leaves: Arc::new(LeafCerts::new(
             ca.clone(),
             policy.interception.leaf_ttl,

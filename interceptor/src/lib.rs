@@ -16,6 +16,8 @@ pub mod metrics;
 pub mod policy;
 pub mod providers;
 pub mod proxy;
+pub mod quota;
+pub mod reload;
 pub mod selector;
 pub mod signal;
 pub mod sys;

@@ -14,6 +14,7 @@ use interceptor_protocols::pricing::ProviderPricesSpec;
 use serde::Deserialize;
 
 use crate::providers::{self, Adapter};
+use crate::quota::{Rule, RuleSpec};
 use crate::selector::{Selector, SelectorMatcher};
 
 /// The only `apiVersion` this build understands.
@@ -64,6 +65,9 @@ pub struct Policy {
     /// Price overrides and additions, by provider name (same shape as the built-in price table).
     #[serde(default)]
     pub pricing: HashMap<String, ProviderPricesSpec>,
+    /// Quota rules. Every rule that selects a request must allow it.
+    #[serde(default)]
+    pub rules: Vec<RuleSpec>,
 }
 
 /// Token and cost accounting settings.
@@ -334,6 +338,33 @@ impl Policy {
                 .compile()
                 .map_err(|m| invalid(format!("interception.bypass[{i}]"), m))?;
         }
+        let mut names = HashSet::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            let label = if rule.name.is_empty() {
+                format!("rules[{i}]")
+            } else {
+                format!("rules[{i}] ({})", rule.name)
+            };
+            rule.compile()
+                .map_err(|(field, message)| invalid(format!("{label}.{field}"), message))?;
+            if !names.insert(rule.name.as_str()) {
+                return Err(invalid(
+                    format!("{label}.name"),
+                    format!("{:?} is used by an earlier rule", rule.name),
+                ));
+            }
+            let known = self.provider_names();
+            if let Some(unknown) = rule.providers.iter().find(|p| !known.contains(p.as_str())) {
+                return Err(invalid(
+                    format!("{label}.providers"),
+                    format!("{unknown:?} is not a provider of this policy (known: {})", {
+                        let mut list: Vec<&str> = known.iter().map(String::as_str).collect();
+                        list.sort_unstable();
+                        list.join(", ")
+                    }),
+                ));
+            }
+        }
         let ttl = self.interception.leaf_ttl;
         if ttl < Duration::from_secs(600) || ttl > Duration::from_secs(397 * 24 * 3600) {
             return Err(invalid(
@@ -381,6 +412,16 @@ impl Policy {
         let mut table = interceptor_protocols::PriceTable::builtin()?;
         table.apply(&self.pricing)?;
         Ok(table)
+    }
+
+    /// The compiled rules (validated by [`Policy::validate`]).
+    pub fn compiled_rules(&self) -> Vec<Rule> {
+        self.rules.iter().filter_map(|r| r.compile().ok()).collect()
+    }
+
+    /// The names of the providers this policy intercepts.
+    fn provider_names(&self) -> HashSet<String> {
+        self.provider_targets().into_iter().map(|t| t.name).collect()
     }
 
     /// The compiled bypass selectors (validated by [`Policy::validate`]).

@@ -25,9 +25,11 @@ use crate::ebpf::AttributionMap;
 use crate::identity::Enricher;
 use crate::kubernetes::PodAttribution;
 use crate::providers::domain_matches;
+use crate::quota::QuotaEngine;
 use crate::selector::SelectorMatcher;
 use crate::tls::leaf::LeafCerts;
 use crate::tls::upstream::Upstream;
+use arc_swap::ArcSwap;
 
 /// Errors of the proxy, classified by origin so metrics can label them.
 #[derive(Debug, thiserror::Error)]
@@ -167,9 +169,11 @@ pub struct ProxyContext {
     pub providers: Vec<ProviderRoute>,
     pub accounting: Arc<AccountingSettings>,
     /// Processes whose connections are relayed untouched.
-    pub bypass: Vec<SelectorMatcher>,
+    pub bypass: Arc<ArcSwap<Vec<SelectorMatcher>>>,
     /// Pod metadata, on Kubernetes.
     pub pods: Option<Arc<PodAttribution>>,
+    /// Quota rules and counters.
+    pub quota: Arc<QuotaEngine>,
     pub leaves: Arc<LeafCerts>,
     pub upstream: Arc<Upstream<http::UpstreamBody>>,
 }

@@ -112,7 +112,7 @@ pub async fn handle(
                 details: &details,
                 pod: pod.known(),
             };
-            let bypassed = ctx.bypass.iter().any(|m| m.matches(&identity));
+            let bypassed = ctx.bypass.load().iter().any(|m| m.matches(&identity));
             let provider = sni.as_deref().and_then(|name| ctx.provider(name)).cloned();
             let mode = match (&sni, &provider) {
                 _ if bypassed => Mode::Bypassed,
@@ -223,6 +223,7 @@ async fn terminate(
         conn,
         metrics: ctx.metrics.clone(),
         accounting: ctx.accounting.clone(),
+        quota: ctx.quota.clone(),
     });
     tokio::select! {
         result = http::serve(tls, http_ctx) => (Mode::Terminated, result.map(|()| (0, 0))),

@@ -18,6 +18,7 @@ use super::request_body::KeptBody;
 use crate::accounting::AccountingSettings;
 use crate::identity::{KernelFacts, ProcessDetails};
 use crate::kubernetes::{PodAttribution, PodRef};
+use crate::quota::Permit;
 
 /// What every request of a connection shares: who, where to.
 pub struct ConnInfo {
@@ -106,6 +107,19 @@ pub struct Exchange {
     response: OnceLock<ResponseMeta>,
     time_to_first_token: OnceLock<Duration>,
     outcome: OnceLock<Accounting>,
+    quota: OnceLock<QuotaVerdict>,
+}
+
+/// The quota decision of an exchange, and the reservation to settle when it ends.
+#[derive(Debug)]
+pub struct QuotaVerdict {
+    /// allowed, rejected, observed (allowed, but an observe-mode rule would have rejected it).
+    pub decision: &'static str,
+    /// The rule that rejected it (or would have).
+    pub rule: Option<Arc<str>>,
+    /// The limit concerned.
+    pub limit: Option<&'static str>,
+    pub permit: Option<Permit>,
 }
 
 impl Exchange {
@@ -135,6 +149,7 @@ impl Exchange {
             response: OnceLock::new(),
             time_to_first_token: OnceLock::new(),
             outcome: OnceLock::new(),
+            quota: OnceLock::new(),
         })
     }
 
@@ -180,6 +195,11 @@ impl Exchange {
     pub fn fail(&self, error: String) {
         let _ = self.error.set(error);
     }
+
+    /// The quota decision (and its reservation).
+    pub fn quota(&self, verdict: QuotaVerdict) {
+        let _ = self.quota.set(verdict);
+    }
 }
 
 impl Drop for Exchange {
@@ -213,6 +233,7 @@ impl Drop for Exchange {
             request: self.request.take(),
             response: self.response.take(),
             outcome: self.outcome.take(),
+            quota: self.quota.take(),
             pod: None,
             pod_status: None,
         }

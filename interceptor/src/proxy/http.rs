@@ -12,17 +12,20 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use hyper_util::client::legacy::Client;
 use interceptor_protocols::strip::UsageChunkStripper;
-use interceptor_protocols::{Dialect, ResponseAccountant, classify};
+use interceptor_protocols::{Dialect, ResponseAccountant, Usage, classify};
 
 use super::ProxyMetrics;
 use super::accounted::Accounted;
+use super::exchange::QuotaVerdict;
 use super::exchange::{ConnInfo, Direction, Exchange, Metered, ResponseMeta};
-use super::request_body::{self, RequestBody};
-use crate::accounting::AccountingSettings;
+use super::request_body::{self, BodyDemand, RequestBody};
+use crate::accounting::{AccountingSettings, Priced};
+use crate::identity::Identity;
+use crate::quota::{Decision, Demand, QuotaEngine, reject};
 use crate::tls::upstream::{Connector, Upstream};
 
 /// Request bodies sent upstream.
@@ -40,6 +43,7 @@ pub struct HttpContext {
     pub client: Client<Connector, UpstreamBody>,
     pub metrics: ProxyMetrics,
     pub accounting: Arc<AccountingSettings>,
+    pub quota: Arc<QuotaEngine>,
 }
 
 /// Serves HTTP on a terminated TLS stream until the client closes it.
@@ -109,6 +113,9 @@ async fn handle(mut request: Request<Incoming>, ctx: &HttpContext) -> Response<C
             return local(&exchange, StatusCode::BAD_REQUEST, format!("{message}\n"));
         }
     };
+    if let Some(rejected) = decide_quota(ctx, &exchange, &prepared.demand) {
+        return rejected;
+    }
     let strip_usage = prepared.usage_injected;
     let collect_output = prepared.collect_output;
     let upstream_request = Request::from_parts(
@@ -185,6 +192,88 @@ async fn handle(mut request: Request<Incoming>, ctx: &HttpContext) -> Response<C
         response.headers_mut().remove(header::CONTENT_LENGTH);
     }
     response.map(|body| Either::Left(Accounted::new(body, exchange, accountant, stripper)))
+}
+
+/// Applies the quota rules before forwarding: `Some(response)` when a rule rejects the request (it
+/// never reaches the provider), else the reservation is kept on the exchange.
+fn decide_quota(
+    ctx: &HttpContext,
+    exchange: &Arc<Exchange>,
+    body: &BodyDemand,
+) -> Option<Response<ClientBody>> {
+    if ctx.quota.rule_count() == 0 {
+        return None;
+    }
+    let conn = &ctx.conn;
+    let route = exchange.route();
+    let model = body.model.as_deref().or(route
+        .path_model
+        .as_deref()
+        .filter(|_| !route.path_model_is_deployment));
+    let demand = Demand {
+        provider: &conn.provider,
+        model,
+        // About four bytes of JSON per prompt token; the real count replaces it when the request ends.
+        input_tokens: body.body_bytes.unwrap_or(0).div_ceil(4),
+        max_output_tokens: body.max_output_tokens,
+    };
+    let identity = Identity {
+        facts: &conn.facts,
+        details: &conn.details,
+        pod: conn.pod.known(),
+    };
+    let accounting = &ctx.accounting;
+    let estimate_cost = |input, output| {
+        let usage = Usage {
+            input_tokens: input,
+            output_tokens: output,
+            ..Usage::default()
+        };
+        match accounting.price(&conn.provider, conn.adapter, model, Some(&usage)) {
+            Priced::Priced { cost, .. } => cost.usd(),
+            _ => 0.0,
+        }
+    };
+    match ctx.quota.decide(&identity, &demand, &estimate_cost) {
+        Decision::Reject(rejection) => {
+            let shaped = reject::response(conn.adapter, &rejection);
+            info!(
+                rule = %rejection.rule,
+                limit = rejection.limited.name(),
+                message = %rejection.message,
+                provider = %conn.provider,
+                model,
+                tgid = conn.facts.tgid,
+                comm = %conn.facts.comm,
+                namespace = conn.pod.known().map(|p| &*p.namespace),
+                workload = conn.pod.known().map(|p| p.workload.to_string()),
+                "request rejected by policy"
+            );
+            exchange.quota(QuotaVerdict {
+                decision: "rejected",
+                rule: Some(rejection.rule.clone()),
+                limit: Some(rejection.limited.name()),
+                permit: None,
+            });
+            exchange.responded(shaped.status);
+            let mut response = Response::new(Either::Right(Full::new(Bytes::from(shaped.body))));
+            *response.status_mut() = shaped.status;
+            *response.headers_mut() = shaped.headers;
+            Some(response)
+        }
+        Decision::Allow { permit, observed } => {
+            let first = observed.first();
+            if !permit.is_empty() || first.is_some() {
+                exchange.quota(QuotaVerdict {
+                    decision: if first.is_some() { "observed" } else { "allowed" },
+                    rule: first.map(|o| o.rule.clone()),
+                    limit: first.map(|o| o.limited.name()),
+                    permit: Some(permit),
+                });
+            }
+            None
+        }
+    }
 }
 
 /// A response made by the proxy itself.

@@ -9,7 +9,7 @@ use interceptor_protocols::estimate::{Encoding, Prompt, estimate};
 use interceptor_protocols::{Accounting, Route, UsageStatus};
 use tracing::info;
 
-use super::exchange::{ConnInfo, RequestSide, ResponseMeta, header_text};
+use super::exchange::{ConnInfo, QuotaVerdict, RequestSide, ResponseMeta, header_text};
 use crate::accounting::{AccountingSettings, Priced};
 use crate::kubernetes::{PodIdentity, PodStatus};
 
@@ -30,6 +30,7 @@ pub struct Record {
     pub request: Option<RequestSide>,
     pub response: Option<ResponseMeta>,
     pub outcome: Option<Accounting>,
+    pub quota: Option<QuotaVerdict>,
     /// Set by [`Record::finish`].
     pub pod: Option<Arc<PodIdentity>>,
     pub pod_status: Option<PodStatus>,
@@ -124,7 +125,8 @@ impl Record {
         encoding
     }
 
-    fn emit(self, estimated_with: Option<Encoding>) {
+    fn emit(mut self, estimated_with: Option<Encoding>) {
+        let permit = self.quota.as_mut().and_then(|q| q.permit.take());
         let facts = &self.conn.facts;
         let details = &self.conn.details;
         let pod = self.pod.as_deref();
@@ -142,6 +144,14 @@ impl Record {
         let provider = &*self.conn.provider;
         let status = self.status;
         let priced = settings.price(provider, self.conn.adapter, model, usage.as_ref());
+        let cost_for_quota = match &priced {
+            Priced::Priced { cost, .. } => cost.usd(),
+            _ => 0.0,
+        };
+        if let Some(permit) = permit {
+            permit.settle(usage.as_ref(), cost_for_quota);
+        }
+        let quota = self.quota.as_ref();
         settings
             .metrics
             .record(provider, self.route.kind, status, outcome, &priced);
@@ -177,6 +187,9 @@ impl Record {
             output_tokens = usage.map(|u| u.output_tokens),
             reasoning_tokens = usage.map(|u| u.reasoning_tokens),
             cost_status = priced.status(),
+            decision = quota.map(|q| q.decision),
+            rule = quota.and_then(|q| q.rule.as_deref()),
+            limit = quota.and_then(|q| q.limit),
             priced_as,
             cost_usd,
             cost_picodollars,

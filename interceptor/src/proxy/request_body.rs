@@ -89,6 +89,17 @@ pub struct Prepared {
     /// An OpenAI-style stream: keep its generated text for a tokenizer estimate in case it ends
     /// without usage (estimate mode, or a client that cancels before the usage chunk).
     pub collect_output: bool,
+    /// What the body says a quota decision needs (defaults when it was not read).
+    pub demand: BodyDemand,
+}
+
+/// What a read body says about the request's size, for quota reservations.
+#[derive(Clone, Debug, Default)]
+pub struct BodyDemand {
+    pub model: Option<String>,
+    pub max_output_tokens: Option<u64>,
+    /// Body size in bytes (declared or read), when known.
+    pub body_bytes: Option<u64>,
 }
 
 /// Reads the body ahead when its JSON matters and it fits; records what it says on the exchange.
@@ -109,6 +120,10 @@ pub async fn prepare(
             body: RequestBody::streaming(body),
             usage_injected: false,
             collect_output: false,
+            demand: BodyDemand {
+                body_bytes: declared_length(headers),
+                ..BodyDemand::default()
+            },
         })
     };
     let json = headers
@@ -118,10 +133,7 @@ pub async fn prepare(
         return passthrough(None, body);
     }
     let max = settings.max_request_body;
-    let declared = headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(headers);
     if declared.is_some_and(|len| len > max) {
         return passthrough(Some("too_large"), body);
     }
@@ -160,22 +172,32 @@ pub async fn prepare(
         rest,
         _permit: permit,
     };
-    let unread = |body| Prepared {
+    let unread = |body, body_bytes| Prepared {
         body,
         usage_injected: false,
         collect_output: false,
+        demand: BodyDemand {
+            body_bytes: Some(body_bytes),
+            ..BodyDemand::default()
+        },
     };
     if rest.is_some() {
         // Chunked body over the limit: forward it all without reading it.
         record_unread(exchange, "too_large");
-        return Ok(unread(read_ahead(buffer.freeze(), trailers, rest, Some(permit))));
+        let read = buffer.len() as u64;
+        return Ok(unread(
+            read_ahead(buffer.freeze(), trailers, rest, Some(permit)),
+            read,
+        ));
     }
     let buffer = buffer.freeze();
+    let body_bytes = buffer.len() as u64;
     let facts = match probe(&buffer) {
         Ok(facts) => facts,
         Err(_) => {
             record_unread(exchange, "not_json");
-            return Ok(unread(read_ahead(buffer, trailers, None, Some(permit))));
+            let read = buffer.len() as u64;
+            return Ok(unread(read_ahead(buffer, trailers, None, Some(permit)), read));
         }
     };
     let inject = settings.stream_usage == StreamUsage::Inject
@@ -204,6 +226,11 @@ pub async fn prepare(
     } else {
         (None, Some(permit))
     };
+    let demand = BodyDemand {
+        model: facts.model.clone(),
+        max_output_tokens: facts.max_output_tokens,
+        body_bytes: Some(body_bytes),
+    };
     exchange.requested(RequestSide {
         model: facts.model,
         stream: facts.stream,
@@ -215,7 +242,15 @@ pub async fn prepare(
         body: read_ahead(head, trailers, None, permit),
         usage_injected,
         collect_output,
+        demand,
     })
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
 }
 
 /// A request body kept for a later estimate, with its share of the read-ahead budget.

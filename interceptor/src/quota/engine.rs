@@ -1,0 +1,762 @@
+//! Decisions: every rule that selects a request must allow it (all-must-pass, so a team's rule can
+//! never lift a global cap). Checks and reservations happen under one lock, so concurrent requests
+//! cannot both take the last of a budget; the real usage replaces the reservation when the request
+//! ends.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use interceptor_protocols::Usage;
+
+use super::QuotaMetrics;
+use super::spec::{DEFAULT_ESTIMATED_OUTPUT_TOKENS, Mode, Rule, Scope, TokenType};
+use super::window::{Bucket, Budget, Calendar, unix_now};
+use crate::identity::Identity;
+
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// What a request asks for, as far as it is known before forwarding.
+#[derive(Clone, Copy, Debug)]
+pub struct Demand<'a> {
+    pub provider: &'a str,
+    pub model: Option<&'a str>,
+    /// Estimated prompt tokens (from the body size).
+    pub input_tokens: u64,
+    /// `max_tokens` (or equivalent) when the request sets it.
+    pub max_output_tokens: Option<u64>,
+}
+
+/// Which limit a rejection is about (response shape and headers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limited {
+    Requests,
+    Tokens,
+    Concurrency,
+    TokenBudget,
+    CostBudget,
+    Model,
+    MaxTokens,
+}
+
+impl Limited {
+    pub fn name(self) -> &'static str {
+        match self {
+            Limited::Requests => "requests_per_minute",
+            Limited::Tokens => "tokens_rate",
+            Limited::Concurrency => "max_concurrent",
+            Limited::TokenBudget => "tokens_per_day",
+            Limited::CostBudget => "cost_budget",
+            Limited::Model => "model_denied",
+            Limited::MaxTokens => "max_tokens",
+        }
+    }
+}
+
+/// Why a request is (or would have been) rejected.
+#[derive(Clone, Debug)]
+pub struct Rejection {
+    pub rule: Arc<str>,
+    pub mode: Mode,
+    pub limited: Limited,
+    pub message: String,
+    /// When to retry (absent for a denied model or too large a request).
+    pub retry_after: Option<Duration>,
+    /// The limit, what remains and when it is whole again, for `x-ratelimit-*` headers.
+    pub limit: Option<f64>,
+    pub remaining: Option<f64>,
+    pub reset: Option<Duration>,
+}
+
+/// The outcome of a decision.
+pub enum Decision {
+    /// Forward; settle the permit with the real usage when the request ends. `observed` lists the
+    /// observe-mode rules that would have rejected it.
+    Allow {
+        permit: Permit,
+        observed: Vec<Rejection>,
+    },
+    /// Answer with the provider's error shape; nothing was reserved.
+    Reject(Rejection),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct StateKey {
+    rule: Arc<str>,
+    scope: Option<Arc<str>>,
+}
+
+/// Counters of one rule (and scope).
+#[derive(Debug, Default)]
+struct RuleState {
+    requests: Option<Bucket>,
+    tokens_minute: Option<Bucket>,
+    tokens_hour: Option<Bucket>,
+    tokens_day: Option<Budget>,
+    cost_day: Option<Budget>,
+    cost_month: Option<Budget>,
+    in_flight: u32,
+}
+
+impl RuleState {
+    /// Creates, updates or drops windows to match the rule's current limits.
+    fn sync(&mut self, rule: &Rule, now: Instant, unix: u64) {
+        let limits = &rule.limits;
+        sync_bucket(&mut self.requests, limits.requests_per_minute, MINUTE, now);
+        sync_bucket(&mut self.tokens_minute, limits.tokens_per_minute, MINUTE, now);
+        sync_bucket(&mut self.tokens_hour, limits.tokens_per_hour, HOUR, now);
+        sync_budget(&mut self.tokens_day, limits.tokens_per_day, Calendar::Day, unix);
+        sync_budget(&mut self.cost_day, limits.cost_per_day_usd, Calendar::Day, unix);
+        sync_budget(
+            &mut self.cost_month,
+            limits.cost_per_month_usd,
+            Calendar::Month,
+            unix,
+        );
+    }
+}
+
+fn sync_bucket(slot: &mut Option<Bucket>, limit: Option<f64>, period: Duration, now: Instant) {
+    match (slot.as_mut(), limit) {
+        (Some(bucket), Some(limit)) => bucket.set_capacity(limit, period, now),
+        (None, Some(limit)) => *slot = Some(Bucket::new(limit, period, now)),
+        (_, None) => *slot = None,
+    }
+}
+
+fn sync_budget(slot: &mut Option<Budget>, limit: Option<f64>, calendar: Calendar, unix: u64) {
+    match (slot.as_mut(), limit) {
+        (Some(budget), Some(limit)) => budget.set_limit(limit),
+        (None, Some(limit)) => *slot = Some(Budget::new(calendar, limit, unix)),
+        (_, None) => *slot = None,
+    }
+}
+
+/// What was reserved for one rule.
+#[derive(Debug)]
+struct Reservation {
+    key: StateKey,
+    token_type: TokenType,
+    tokens: f64,
+    cost: f64,
+}
+
+/// The rules and their counters. Counters are keyed by rule name, so they survive a reload that
+/// keeps the name.
+pub struct QuotaEngine {
+    rules: ArcSwap<Vec<Rule>>,
+    state: Mutex<HashMap<StateKey, RuleState>>,
+    metrics: QuotaMetrics,
+}
+
+impl QuotaEngine {
+    pub fn new(rules: Vec<Rule>, metrics: QuotaMetrics) -> Self {
+        Self {
+            rules: ArcSwap::from_pointee(rules),
+            state: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    /// Swaps the rules (a reload). Requests in flight settle against the counters they reserved.
+    pub fn replace_rules(&self, rules: Vec<Rule>) {
+        self.rules.store(Arc::new(rules));
+    }
+
+    pub fn rule_count(&self) -> usize {
+        self.rules.load().len()
+    }
+
+    fn state(&self) -> MutexGuard<'_, HashMap<StateKey, RuleState>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Decides a request. `estimate_cost(input, output)` prices a token count for the request's model
+    /// (0 when it has no price).
+    pub fn decide(
+        self: &Arc<Self>,
+        identity: &Identity<'_>,
+        demand: &Demand<'_>,
+        estimate_cost: &dyn Fn(u64, u64) -> f64,
+    ) -> Decision {
+        let rules = self.rules.load();
+        let matching: Vec<&Rule> = rules
+            .iter()
+            .filter(|rule| {
+                (rule.providers.is_empty() || rule.providers.iter().any(|p| p == demand.provider))
+                    && rule.selector.as_ref().is_none_or(|s| s.matches(identity))
+            })
+            .collect();
+        if matching.is_empty() {
+            return Decision::Allow {
+                permit: Permit::empty(self.clone()),
+                observed: Vec::new(),
+            };
+        }
+        let now = Instant::now();
+        let unix = unix_now();
+        let mut planned = Vec::with_capacity(matching.len());
+        let mut observed = Vec::new();
+        let mut state = self.state();
+        for rule in &matching {
+            let key = StateKey {
+                rule: Arc::from(rule.name.as_str()),
+                scope: scope_key(rule.per, identity),
+            };
+            let limits = &rule.limits;
+            let output = demand
+                .max_output_tokens
+                .or(limits.max_tokens_per_request)
+                .or(limits.estimated_output_tokens)
+                .unwrap_or(DEFAULT_ESTIMATED_OUTPUT_TOKENS);
+            let tokens = match limits.token_type {
+                TokenType::Total => demand.input_tokens + output,
+                TokenType::Input => demand.input_tokens,
+                TokenType::Output => output,
+            } as f64;
+            let cost = if limits.cost_per_day_usd.is_some() || limits.cost_per_month_usd.is_some() {
+                estimate_cost(demand.input_tokens, output)
+            } else {
+                0.0
+            };
+            let entry = state.entry(key.clone()).or_default();
+            entry.sync(rule, now, unix);
+            if let Some(rejection) = check(rule, entry, demand, tokens, cost, now, unix) {
+                match rule.mode {
+                    Mode::Enforce => {
+                        self.metrics.count(&rule.name, "rejected", rejection.limited);
+                        return Decision::Reject(rejection);
+                    }
+                    Mode::Observe => observed.push(rejection),
+                }
+            }
+            planned.push((key, limits.token_type, tokens, cost));
+        }
+        // Every enforcing rule allows it: reserve on all of them.
+        let mut reservations = Vec::with_capacity(planned.len());
+        for (key, token_type, tokens, cost) in planned {
+            if let Some(entry) = state.get_mut(&key) {
+                reserve(entry, tokens, cost, now, unix);
+            }
+            reservations.push(Reservation {
+                key,
+                token_type,
+                tokens,
+                cost,
+            });
+        }
+        drop(state);
+        for rule in &matching {
+            let limited = observed.iter().find(|o| *o.rule == *rule.name).map(|o| o.limited);
+            let outcome = if limited.is_some() { "observed" } else { "allowed" };
+            self.metrics.count_allowed(&rule.name, outcome, limited);
+        }
+        Decision::Allow {
+            permit: Permit {
+                engine: self.clone(),
+                reservations,
+                done: false,
+            },
+            observed,
+        }
+    }
+
+    fn settle(&self, reservations: &[Reservation], usage: Option<&Usage>, cost_usd: f64) {
+        let now = Instant::now();
+        let unix = unix_now();
+        let mut state = self.state();
+        for reservation in reservations {
+            let Some(entry) = state.get_mut(&reservation.key) else {
+                continue;
+            };
+            let tokens = usage.map_or(0.0, |u| match reservation.token_type {
+                TokenType::Total => (u.input_tokens + u.output_tokens) as f64,
+                TokenType::Input => u.input_tokens as f64,
+                TokenType::Output => u.output_tokens as f64,
+            });
+            for bucket in [entry.tokens_minute.as_mut(), entry.tokens_hour.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                bucket.settle(reservation.tokens, tokens, now);
+            }
+            if let Some(budget) = entry.tokens_day.as_mut() {
+                budget.settle(reservation.tokens, tokens, unix);
+            }
+            for budget in [entry.cost_day.as_mut(), entry.cost_month.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                budget.settle(reservation.cost, cost_usd, unix);
+            }
+            entry.in_flight = entry.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+fn scope_key(per: Scope, identity: &Identity<'_>) -> Option<Arc<str>> {
+    let pod = identity.pod;
+    let key = match per {
+        Scope::Rule => return None,
+        Scope::Namespace => pod.map(|p| p.namespace.to_string()),
+        Scope::Workload => pod.map(|p| format!("{}/{}", p.namespace, p.workload)),
+        Scope::Pod => pod.map(|p| format!("{}/{}", p.namespace, p.name)),
+    };
+    // Not a (known) pod: its cgroup stands for it.
+    Some(Arc::from(key.unwrap_or_else(|| {
+        identity
+            .details
+            .cgroup
+            .clone()
+            .unwrap_or_else(|| format!("cgroup-id:{}", identity.facts.cgroup_id))
+    })))
+}
+
+/// The first limit the request would break, if any.
+fn check(
+    rule: &Rule,
+    entry: &mut RuleState,
+    demand: &Demand<'_>,
+    tokens: f64,
+    cost: f64,
+    now: Instant,
+    unix: u64,
+) -> Option<Rejection> {
+    let name: Arc<str> = Arc::from(rule.name.as_str());
+    let reject = |limited, message: String, retry_after, limit, remaining, reset| Rejection {
+        rule: name.clone(),
+        mode: rule.mode,
+        limited,
+        message,
+        retry_after,
+        limit,
+        remaining,
+        reset,
+    };
+    if !rule.model_allowed(demand.model) {
+        let model = demand.model.unwrap_or("(unknown)");
+        return Some(reject(
+            Limited::Model,
+            format!(
+                "The model `{model}` is not allowed by policy rule `{}`.",
+                rule.name
+            ),
+            None,
+            None,
+            None,
+            None,
+        ));
+    }
+    if let (Some(max), Some(asked)) = (rule.limits.max_tokens_per_request, demand.max_output_tokens)
+        && asked > max
+    {
+        return Some(reject(
+            Limited::MaxTokens,
+            format!(
+                "max_tokens {asked} is above the {max} allowed by policy rule `{}`.",
+                rule.name
+            ),
+            None,
+            Some(max as f64),
+            None,
+            None,
+        ));
+    }
+    if let Some(max) = rule.limits.max_concurrent
+        && entry.in_flight >= max
+    {
+        return Some(reject(
+            Limited::Concurrency,
+            format!(
+                "Too many concurrent requests: {max} allowed by policy rule `{}`.",
+                rule.name
+            ),
+            Some(Duration::from_secs(1)),
+            Some(f64::from(max)),
+            Some(0.0),
+            Some(Duration::from_secs(1)),
+        ));
+    }
+    if let Some(bucket) = entry.requests.as_mut()
+        && let Err(wait) = bucket.check(1.0, now)
+    {
+        return Some(reject(
+            Limited::Requests,
+            format!(
+                "Rate limit reached: {} requests per minute allowed by policy rule `{}`. Please try again in {:.1}s.",
+                bucket.capacity(),
+                rule.name,
+                wait.as_secs_f64()
+            ),
+            Some(wait),
+            Some(bucket.capacity()),
+            Some(bucket.remaining(now)),
+            Some(bucket.reset_after(now)),
+        ));
+    }
+    for (bucket, per) in [
+        (entry.tokens_minute.as_mut(), "minute"),
+        (entry.tokens_hour.as_mut(), "hour"),
+    ] {
+        if let Some(bucket) = bucket
+            && let Err(wait) = bucket.check(tokens, now)
+        {
+            return Some(reject(
+                Limited::Tokens,
+                format!(
+                    "Rate limit reached: {} tokens per {per} allowed by policy rule `{}` (this request reserves {tokens}). Please try again in {:.1}s.",
+                    bucket.capacity(),
+                    rule.name,
+                    wait.as_secs_f64()
+                ),
+                Some(wait),
+                Some(bucket.capacity()),
+                Some(bucket.remaining(now)),
+                Some(bucket.reset_after(now)),
+            ));
+        }
+    }
+    if let Some(budget) = entry.tokens_day.as_mut()
+        && let Err(wait) = budget.check(tokens, unix)
+    {
+        return Some(reject(
+            Limited::TokenBudget,
+            format!(
+                "You exceeded your daily token budget of {} set by policy rule `{}`.",
+                budget.limit(),
+                rule.name
+            ),
+            Some(wait),
+            Some(budget.limit()),
+            Some(budget.remaining()),
+            Some(wait),
+        ));
+    }
+    for (budget, period) in [
+        (entry.cost_day.as_mut(), "daily"),
+        (entry.cost_month.as_mut(), "monthly"),
+    ] {
+        if let Some(budget) = budget
+            && let Err(wait) = budget.check(cost, unix)
+        {
+            return Some(reject(
+                Limited::CostBudget,
+                format!(
+                    "You exceeded your {period} budget of ${:.2} set by policy rule `{}`.",
+                    budget.limit(),
+                    rule.name
+                ),
+                Some(wait),
+                None,
+                None,
+                Some(wait),
+            ));
+        }
+    }
+    None
+}
+
+fn reserve(entry: &mut RuleState, tokens: f64, cost: f64, now: Instant, unix: u64) {
+    if let Some(bucket) = entry.requests.as_mut() {
+        bucket.take(1.0, now);
+    }
+    for bucket in [entry.tokens_minute.as_mut(), entry.tokens_hour.as_mut()]
+        .into_iter()
+        .flatten()
+    {
+        bucket.take(tokens, now);
+    }
+    if let Some(budget) = entry.tokens_day.as_mut() {
+        budget.reserve(tokens, unix);
+    }
+    for budget in [entry.cost_day.as_mut(), entry.cost_month.as_mut()]
+        .into_iter()
+        .flatten()
+    {
+        budget.reserve(cost, unix);
+    }
+    entry.in_flight += 1;
+}
+
+/// Reservations of an admitted request. Settle it with the real usage; dropped unsettled (the
+/// request failed before any usage), it gives the reservation back.
+pub struct Permit {
+    engine: Arc<QuotaEngine>,
+    reservations: Vec<Reservation>,
+    done: bool,
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit")
+            .field("reservations", &self.reservations)
+            .finish()
+    }
+}
+
+impl Permit {
+    fn empty(engine: Arc<QuotaEngine>) -> Self {
+        Self {
+            engine,
+            reservations: Vec::new(),
+            done: true,
+        }
+    }
+
+    /// Replaces the reservations by the real usage and cost.
+    pub fn settle(mut self, usage: Option<&Usage>, cost_usd: f64) {
+        if !self.done {
+            self.engine.settle(&self.reservations, usage, cost_usd);
+            self.done = true;
+        }
+    }
+
+    /// Whether any rule reserved something.
+    pub fn is_empty(&self) -> bool {
+        self.reservations.is_empty()
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if !self.done {
+            self.engine.settle(&self.reservations, None, 0.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::identity::{KernelFacts, ProcessDetails};
+    use crate::kubernetes::{PodIdentity, Workload, WorkloadSource};
+    use crate::quota::spec::RuleSpec;
+
+    fn rules(yaml: &str) -> Vec<Rule> {
+        let specs: Vec<RuleSpec> = serde_norway::from_str(yaml).expect("rules parse");
+        specs
+            .iter()
+            .map(|s| s.compile().expect("rule compiles"))
+            .collect()
+    }
+
+    fn engine(yaml: &str) -> Arc<QuotaEngine> {
+        Arc::new(QuotaEngine::new(
+            rules(yaml),
+            QuotaMetrics::detached().expect("metrics"),
+        ))
+    }
+
+    fn facts() -> KernelFacts {
+        KernelFacts {
+            original_dst: "203.0.113.10:443".parse().expect("addr"),
+            tgid: 7,
+            pid: 7,
+            uid: 1000,
+            gid: 1000,
+            cgroup_id: 42,
+            netns_cookie: 1,
+            socket_cookie: 1,
+            comm: "python3".into(),
+        }
+    }
+
+    fn pod(namespace: &str, name: &str) -> PodIdentity {
+        PodIdentity {
+            uid: format!("uid-{name}").into(),
+            namespace: namespace.into(),
+            name: name.into(),
+            labels: Box::new([]),
+            service_account: None,
+            node: None,
+            workload: Workload::new("Deployment", name),
+            workload_source: WorkloadSource::Resolved,
+        }
+    }
+
+    fn demand(model: &str, max: Option<u64>) -> Demand<'_> {
+        Demand {
+            provider: "openai",
+            model: Some(model),
+            input_tokens: 100,
+            max_output_tokens: max,
+        }
+    }
+
+    fn decide(engine: &Arc<QuotaEngine>, pod: Option<&PodIdentity>, demand: &Demand<'_>) -> Decision {
+        let (facts, details) = (
+            facts(),
+            ProcessDetails {
+                exe: Some(PathBuf::from("/usr/bin/python3")),
+                ..ProcessDetails::default()
+            },
+        );
+        let identity = Identity {
+            facts: &facts,
+            details: &details,
+            pod,
+        };
+        engine.decide(&identity, demand, &|input, output| (input + output) as f64 * 1e-6)
+    }
+
+    fn rejected(decision: &Decision) -> Option<(&str, Limited)> {
+        match decision {
+            Decision::Reject(r) => Some((&*r.rule, r.limited)),
+            Decision::Allow { .. } => None,
+        }
+    }
+
+    #[test]
+    fn every_matching_rule_must_allow() {
+        let engine = engine(
+            "[{name: global, limits: {requestsPerMinute: 3}},
+              {name: team-a, match: {namespace: team-a}, limits: {requestsPerMinute: 1}}]",
+        );
+        let a = pod("team-a", "chat");
+        let b = pod("team-b", "batch");
+        let first = decide(&engine, Some(&a), &demand("gpt-4o", Some(10)));
+        assert!(rejected(&first).is_none());
+        drop(first);
+        assert_eq!(
+            rejected(&decide(&engine, Some(&a), &demand("gpt-4o", Some(10)))),
+            Some(("team-a", Limited::Requests)),
+            "the team rule applies on top of the global one"
+        );
+        for _ in 0..2 {
+            assert!(rejected(&decide(&engine, Some(&b), &demand("gpt-4o", Some(10)))).is_none());
+        }
+        assert_eq!(
+            rejected(&decide(&engine, Some(&b), &demand("gpt-4o", Some(10)))),
+            Some(("global", Limited::Requests)),
+            "the global budget is shared"
+        );
+    }
+
+    #[test]
+    fn models_and_max_tokens_are_checked_before_counters() {
+        let engine = engine(
+            "[{name: models, models: {allow: [\"gpt-4o*\"], deny: [\"gpt-4o-2024-*\"]}, limits: {maxTokensPerRequest: 500}}]",
+        );
+        assert!(rejected(&decide(&engine, None, &demand("gpt-4o-mini", Some(100)))).is_none());
+        assert_eq!(
+            rejected(&decide(&engine, None, &demand("o1", None))),
+            Some(("models", Limited::Model))
+        );
+        assert_eq!(
+            rejected(&decide(&engine, None, &demand("gpt-4o-2024-08-06", None))),
+            Some(("models", Limited::Model))
+        );
+        assert_eq!(
+            rejected(&decide(&engine, None, &demand("gpt-4o", Some(501)))),
+            Some(("models", Limited::MaxTokens))
+        );
+    }
+
+    #[test]
+    fn observe_mode_counts_but_lets_traffic_pass() {
+        let engine = engine("[{name: watch, mode: observe, limits: {requestsPerMinute: 1}}]");
+        let _first = decide(&engine, None, &demand("gpt-4o", None));
+        match decide(&engine, None, &demand("gpt-4o", None)) {
+            Decision::Allow { observed, .. } => {
+                assert_eq!(observed.len(), 1);
+                assert_eq!(observed[0].limited, Limited::Requests);
+            }
+            Decision::Reject(r) => panic!("observe mode rejected: {r:?}"),
+        }
+    }
+
+    #[test]
+    fn counters_split_per_scope() {
+        let engine = engine("[{name: per-ns, per: namespace, limits: {requestsPerMinute: 1}}]");
+        let (a, b) = (pod("team-a", "x"), pod("team-b", "y"));
+        let _ = decide(&engine, Some(&a), &demand("m", None));
+        assert!(rejected(&decide(&engine, Some(&a), &demand("m", None))).is_some());
+        assert!(rejected(&decide(&engine, Some(&b), &demand("m", None))).is_none());
+    }
+
+    #[test]
+    fn reservations_are_replaced_by_usage_and_given_back_on_failure() {
+        let engine = engine("[{name: tokens, limits: {tokensPerDay: 1000}}]");
+        // Reserves 100 input + 400 output.
+        let Decision::Allow { permit, .. } = decide(&engine, None, &demand("m", Some(400))) else {
+            panic!("allowed")
+        };
+        let Decision::Allow { permit: second, .. } = decide(&engine, None, &demand("m", Some(400))) else {
+            panic!("allowed")
+        };
+        assert_eq!(
+            rejected(&decide(&engine, None, &demand("m", Some(400)))),
+            Some(("tokens", Limited::TokenBudget)),
+            "500 + 500 reserved: a third does not fit"
+        );
+        drop(second); // failed upstream: its reservation comes back
+        let usage = Usage {
+            input_tokens: 90,
+            output_tokens: 10,
+            ..Usage::default()
+        };
+        permit.settle(Some(&usage), 0.0);
+        // 100 used, 900 left: a request reserving 500 fits, a second one does too (900 ≥ 1000 - 100).
+        assert!(rejected(&decide(&engine, None, &demand("m", Some(400)))).is_none());
+    }
+
+    #[test]
+    fn concurrency_is_released_by_settlement() {
+        let engine = engine("[{name: one-at-a-time, limits: {maxConcurrent: 1}}]");
+        let Decision::Allow { permit, .. } = decide(&engine, None, &demand("m", None)) else {
+            panic!("allowed")
+        };
+        assert_eq!(
+            rejected(&decide(&engine, None, &demand("m", None))),
+            Some(("one-at-a-time", Limited::Concurrency))
+        );
+        permit.settle(None, 0.0);
+        assert!(rejected(&decide(&engine, None, &demand("m", None))).is_none());
+    }
+
+    #[test]
+    fn racing_threads_never_overspend_a_budget() {
+        // 8 threads × 50 requests reserving 100 + 1024 tokens each against 20,000 tokens a day: at most
+        // floor(20000 / 1124) = 17 are admitted, and settling with their estimates never exceeds it.
+        let engine = engine("[{name: day, limits: {tokensPerDay: 20000}}]");
+        let admitted = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    for _ in 0..50 {
+                        if let Decision::Allow { permit, .. } = decide(&engine, None, &demand("m", None)) {
+                            admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let usage = Usage {
+                                input_tokens: 100,
+                                output_tokens: 1024,
+                                ..Usage::default()
+                            };
+                            permit.settle(Some(&usage), 0.0);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.into_inner(), 17);
+    }
+
+    #[test]
+    fn a_reload_keeps_the_counters_of_a_rule_with_the_same_name() {
+        let engine = engine("[{name: r, limits: {requestsPerMinute: 1}}]");
+        let _ = decide(&engine, None, &demand("m", None));
+        assert!(rejected(&decide(&engine, None, &demand("m", None))).is_some());
+        engine.replace_rules(rules("[{name: r, limits: {requestsPerMinute: 2}}]"));
+        assert!(
+            rejected(&decide(&engine, None, &demand("m", None))).is_none(),
+            "the raised limit applies"
+        );
+        assert!(
+            rejected(&decide(&engine, None, &demand("m", None))).is_some(),
+            "what was used still counts"
+        );
+    }
+}
