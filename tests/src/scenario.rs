@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use serde_json::Value;
 
 use crate::daemon::Daemon;
+use crate::kubeapi::FakeKubeApi;
 use crate::node::{Node, OTHER_V4, PROVIDER_V4, PROVIDER_V6, Pod, ProviderNetns};
 use crate::pki::{TestCa, server_config};
 use crate::provider::Provider;
@@ -43,6 +44,9 @@ interception:
 "
     )
 }
+
+/// The node name the daemon watches pods for in [`Scenario::start_with_kubernetes`].
+pub const NODE_NAME: &str = "node-1";
 
 /// The names a pod resolves (its `/etc/netns/<netns>/hosts`).
 pub fn hosts() -> Vec<(&'static str, IpAddr)> {
@@ -126,6 +130,47 @@ impl Scenario {
         })
     }
 
+    /// Starts with the daemon watching the fake Kubernetes API `api` as node [`NODE_NAME`] (records wait
+    /// up to 8 s for a pod not listed yet; the watch retries within 2 s).
+    pub fn start_with_kubernetes(
+        policy: &str,
+        api: &FakeKubeApi,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("ict-kubeconfig-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let kubeconfig = api.write_kubeconfig(&dir)?;
+        let kubeconfig = kubeconfig.to_str().context("kubeconfig path is not UTF-8")?;
+        let mut args = vec![
+            "--kubeconfig",
+            kubeconfig,
+            "--node-name",
+            NODE_NAME,
+            "--pod-wait",
+            "8s",
+            "--kubernetes-max-backoff",
+            "2s",
+        ];
+        args.extend_from_slice(extra_args);
+        Self::start(policy, &args)
+    }
+
+    /// Waits until the daemon's pod directory holds at least `count` pods.
+    pub fn wait_pods(&self, count: f64) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let known = self.daemon.metric("interceptor_kubernetes_pods").unwrap_or(0.0);
+            if known >= count {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the daemon knows {known} pods, expected {count}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     fn curl_args(ca: &std::path::Path, url: &str, extra: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = vec!["-sS".into(), "--max-time".into(), "15".into(), "--cacert".into()];
         args.push(ca.display().to_string());
@@ -175,11 +220,18 @@ impl Scenario {
     /// Runs a script of `tests/python/` with the venv's Python in the pod, trusting the enterprise CA
     /// (`SSL_CERT_FILE`), and parses the one JSON object it prints.
     pub fn pod_python_json(&self, script: &str) -> anyhow::Result<Value> {
+        self.python_json_in(&self.pod, script, &[])
+    }
+
+    /// Runs a script of `tests/python/` with arguments in `pod`, trusting the enterprise CA, and parses
+    /// the one JSON object it prints.
+    pub fn python_json_in(&self, pod: &Pod, script: &str, args: &[&str]) -> anyhow::Result<Value> {
         let python = crate::venv_python();
         let script = crate::python_script(script);
-        let mut command = self
-            .pod
-            .command(&python.display().to_string(), &[&script.display().to_string()]);
+        let script_path = script.display().to_string();
+        let mut all_args = vec![script_path.as_str()];
+        all_args.extend_from_slice(args);
+        let mut command = pod.command(&python.display().to_string(), &all_args);
         command.env("SSL_CERT_FILE", &self.enterprise_ca);
         let output = command.output().context("running python in the pod")?;
         anyhow::ensure!(

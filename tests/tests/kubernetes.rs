@@ -3,7 +3,6 @@
 //! watches the fake Kubernetes API server; each request's record carries namespace, pod, workload,
 //! service account and exe. Run with `--test-threads=1` (they share kernel state).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -15,14 +14,8 @@ use tests::scenario::{Curl, Scenario, hosts, policy};
 
 const CHAT: &str = "https://api.openai.com/v1/chat/completions";
 const BODY: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"who am I?"}]}"#;
-const NODE: &str = "node-1";
+const NODE: &str = tests::scenario::NODE_NAME;
 const RS_CHAT: &str = "chat-7d9f8b6c5d";
-
-fn kubeconfig(api: &FakeKubeApi, test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ict-kube-{test}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("kubeconfig dir");
-    api.write_kubeconfig(&dir).expect("kubeconfig")
-}
 
 fn start(test: &str, api: &FakeKubeApi, policy: &str) -> Option<Scenario> {
     if !tests::privileged_available(test) {
@@ -36,18 +29,7 @@ fn start(test: &str, api: &FakeKubeApi, policy: &str) -> Option<Scenario> {
         Resource::Jobs,
         owned(Resource::Jobs, "team-b", "nightly-29390000", "CronJob", "nightly"),
     );
-    let kubeconfig = kubeconfig(api, test);
-    let args = [
-        "--kubeconfig",
-        kubeconfig.to_str().expect("utf-8 path"),
-        "--node-name",
-        NODE,
-        "--pod-wait",
-        "8s",
-        "--kubernetes-max-backoff",
-        "2s",
-    ];
-    Some(Scenario::start(policy, &args).expect("simulated node and daemon start"))
+    Some(Scenario::start_with_kubernetes(policy, api, &[]).expect("simulated node and daemon start"))
 }
 
 /// The chat pod: Deployment `chat` via its ReplicaSet, namespace team-a.
@@ -64,18 +46,7 @@ fn chat_pod(uid: &str, name: &str) -> Value {
 }
 
 fn wait_pods(s: &Scenario, count: f64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let known = s.daemon.metric("interceptor_kubernetes_pods").unwrap_or(0.0);
-        if known >= count {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the daemon knows {known} pods, expected {count}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    s.wait_pods(count).expect("the daemon lists the pods");
 }
 
 fn post_chat(s: &Scenario, pod: &Pod) -> Curl {

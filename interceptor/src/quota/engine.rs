@@ -199,6 +199,18 @@ impl QuotaEngine {
         let unix = unix_now();
         let mut planned = Vec::with_capacity(matching.len());
         let mut observed = Vec::new();
+        // Models and request size first: a denied model is reported as such whatever the counters say.
+        for rule in &matching {
+            if let Some(rejection) = check_request(rule, demand) {
+                match rule.mode {
+                    Mode::Enforce => {
+                        self.metrics.count(&rule.name, "rejected", rejection.limited);
+                        return Decision::Reject(rejection);
+                    }
+                    Mode::Observe => observed.push(rejection),
+                }
+            }
+        }
         let mut state = self.state();
         for rule in &matching {
             let key = StateKey {
@@ -223,7 +235,7 @@ impl QuotaEngine {
             };
             let entry = state.entry(key.clone()).or_default();
             entry.sync(rule, now, unix);
-            if let Some(rejection) = check(rule, entry, demand, tokens, cost, now, unix) {
+            if let Some(rejection) = check_counters(rule, entry, tokens, cost, now, unix) {
                 match rule.mode {
                     Mode::Enforce => {
                         self.metrics.count(&rule.name, "rejected", rejection.limited);
@@ -314,18 +326,12 @@ fn scope_key(per: Scope, identity: &Identity<'_>) -> Option<Arc<str>> {
     })))
 }
 
-/// The first limit the request would break, if any.
-fn check(
+fn rejection(
     rule: &Rule,
-    entry: &mut RuleState,
-    demand: &Demand<'_>,
-    tokens: f64,
-    cost: f64,
-    now: Instant,
-    unix: u64,
-) -> Option<Rejection> {
+) -> impl Fn(Limited, String, Option<Duration>, Option<f64>, Option<f64>, Option<Duration>) -> Rejection + '_
+{
     let name: Arc<str> = Arc::from(rule.name.as_str());
-    let reject = |limited, message: String, retry_after, limit, remaining, reset| Rejection {
+    move |limited, message, retry_after, limit, remaining, reset| Rejection {
         rule: name.clone(),
         mode: rule.mode,
         limited,
@@ -334,7 +340,12 @@ fn check(
         limit,
         remaining,
         reset,
-    };
+    }
+}
+
+/// What the request itself breaks (model, size), whatever the counters.
+fn check_request(rule: &Rule, demand: &Demand<'_>) -> Option<Rejection> {
+    let reject = rejection(rule);
     if !rule.model_allowed(demand.model) {
         let model = demand.model.unwrap_or("(unknown)");
         return Some(reject(
@@ -364,6 +375,19 @@ fn check(
             None,
         ));
     }
+    None
+}
+
+/// The first counter the request would overrun, if any.
+fn check_counters(
+    rule: &Rule,
+    entry: &mut RuleState,
+    tokens: f64,
+    cost: f64,
+    now: Instant,
+    unix: u64,
+) -> Option<Rejection> {
+    let reject = rejection(rule);
     if let Some(max) = rule.limits.max_concurrent
         && entry.in_flight >= max
     {
@@ -653,6 +677,22 @@ mod tests {
         assert_eq!(
             rejected(&decide(&engine, None, &demand("gpt-4o", Some(501)))),
             Some(("models", Limited::MaxTokens))
+        );
+    }
+
+    #[test]
+    fn a_denied_model_is_reported_as_denied_even_when_rate_limited() {
+        let engine = engine(
+            "[{name: rate, limits: {requestsPerMinute: 1}}, {name: models, models: {deny: [\"o1*\"]}}]",
+        );
+        let _first = decide(&engine, None, &demand("gpt-4o", None));
+        assert_eq!(
+            rejected(&decide(&engine, None, &demand("o1", None))),
+            Some(("models", Limited::Model))
+        );
+        assert_eq!(
+            rejected(&decide(&engine, None, &demand("gpt-4o", None))),
+            Some(("rate", Limited::Requests))
         );
     }
 
