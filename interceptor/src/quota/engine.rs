@@ -326,29 +326,40 @@ fn scope_key(per: Scope, identity: &Identity<'_>) -> Option<Arc<str>> {
     })))
 }
 
-fn rejection(
-    rule: &Rule,
-) -> impl Fn(Limited, String, Option<Duration>, Option<f64>, Option<f64>, Option<Duration>) -> Rejection + '_
-{
-    let name: Arc<str> = Arc::from(rule.name.as_str());
-    move |limited, message, retry_after, limit, remaining, reset| Rejection {
-        rule: name.clone(),
-        mode: rule.mode,
-        limited,
-        message,
-        retry_after,
-        limit,
-        remaining,
-        reset,
+/// Makes the rejections of one rule.
+struct RejectionOf<'a> {
+    rule: &'a Rule,
+}
+
+impl RejectionOf<'_> {
+    fn make(
+        &self,
+        limited: Limited,
+        message: String,
+        retry_after: Option<Duration>,
+        limit: Option<f64>,
+        remaining: Option<f64>,
+        reset: Option<Duration>,
+    ) -> Rejection {
+        Rejection {
+            rule: Arc::from(self.rule.name.as_str()),
+            mode: self.rule.mode,
+            limited,
+            message,
+            retry_after,
+            limit,
+            remaining,
+            reset,
+        }
     }
 }
 
 /// What the request itself breaks (model, size), whatever the counters.
 fn check_request(rule: &Rule, demand: &Demand<'_>) -> Option<Rejection> {
-    let reject = rejection(rule);
+    let reject = RejectionOf { rule };
     if !rule.model_allowed(demand.model) {
         let model = demand.model.unwrap_or("(unknown)");
-        return Some(reject(
+        return Some(reject.make(
             Limited::Model,
             format!(
                 "The model `{model}` is not allowed by policy rule `{}`.",
@@ -363,7 +374,7 @@ fn check_request(rule: &Rule, demand: &Demand<'_>) -> Option<Rejection> {
     if let (Some(max), Some(asked)) = (rule.limits.max_tokens_per_request, demand.max_output_tokens)
         && asked > max
     {
-        return Some(reject(
+        return Some(reject.make(
             Limited::MaxTokens,
             format!(
                 "max_tokens {asked} is above the {max} allowed by policy rule `{}`.",
@@ -387,11 +398,11 @@ fn check_counters(
     now: Instant,
     unix: u64,
 ) -> Option<Rejection> {
-    let reject = rejection(rule);
+    let reject = RejectionOf { rule };
     if let Some(max) = rule.limits.max_concurrent
         && entry.in_flight >= max
     {
-        return Some(reject(
+        return Some(reject.make(
             Limited::Concurrency,
             format!(
                 "Too many concurrent requests: {max} allowed by policy rule `{}`.",
@@ -406,7 +417,7 @@ fn check_counters(
     if let Some(bucket) = entry.requests.as_mut()
         && let Err(wait) = bucket.check(1.0, now)
     {
-        return Some(reject(
+        return Some(reject.make(
             Limited::Requests,
             format!(
                 "Rate limit reached: {} requests per minute allowed by policy rule `{}`. Please try again in {:.1}s.",
@@ -427,7 +438,7 @@ fn check_counters(
         if let Some(bucket) = bucket
             && let Err(wait) = bucket.check(tokens, now)
         {
-            return Some(reject(
+            return Some(reject.make(
                 Limited::Tokens,
                 format!(
                     "Rate limit reached: {} tokens per {per} allowed by policy rule `{}` (this request reserves {tokens}). Please try again in {:.1}s.",
@@ -445,7 +456,7 @@ fn check_counters(
     if let Some(budget) = entry.tokens_day.as_mut()
         && let Err(wait) = budget.check(tokens, unix)
     {
-        return Some(reject(
+        return Some(reject.make(
             Limited::TokenBudget,
             format!(
                 "You exceeded your daily token budget of {} set by policy rule `{}`.",
@@ -465,7 +476,7 @@ fn check_counters(
         if let Some(budget) = budget
             && let Err(wait) = budget.check(cost, unix)
         {
-            return Some(reject(
+            return Some(reject.make(
                 Limited::CostBudget,
                 format!(
                     "You exceeded your {period} budget of ${:.2} set by policy rule `{}`.",
