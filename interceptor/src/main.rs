@@ -107,14 +107,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => match Policy::load(&file) {
             Ok(policy) => {
                 println!(
-                    "{}: valid ({} provider domains intercepted)",
+                    "{}: valid ({} provider domains intercepted, {} rules)",
                     file.display(),
-                    policy.provider_targets().len()
+                    policy.provider_targets().len(),
+                    policy.rules.len()
                 );
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => {
-                println!("{e}");
+                eprintln!("{e}");
                 Ok(ExitCode::FAILURE)
             }
         },
