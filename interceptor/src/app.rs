@@ -102,6 +102,9 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         QuotaMetrics::register(&registry)?,
     ));
     let bypass = Arc::new(ArcSwap::from_pointee(policy.bypass_matchers()));
+    create_state_dir(&config.state_dir)?;
+    let budgets_path = config.state_dir.join(crate::quota::store::FILE_NAME);
+    crate::quota::store::restore(&quota, &budgets_path);
     let reload_metrics = ReloadMetrics::register(&registry)?;
     reload_metrics.in_force(&policy_text, quota.rule_count());
     readiness.set_ca_loaded(true);
@@ -138,6 +141,12 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     readiness.set_targets_installed(true);
     background.spawn(discovery.run(stop_background.clone()));
 
+    background.spawn(crate::quota::store::run(
+        quota.clone(),
+        budgets_path,
+        config.state_flush_interval,
+        stop_background.clone(),
+    ));
     if let Some(path) = &config.policy {
         background.spawn(reload::run(
             path.clone(),
@@ -248,6 +257,16 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         connections,
         background,
     })
+}
+
+/// The state directory, created readable by root only when missing.
+fn create_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating the state directory {}", dir.display()))
 }
 
 /// The configured CA, or a development CA generated (once) in `--dev-ca-dir`.

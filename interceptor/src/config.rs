@@ -105,6 +105,14 @@ pub struct Config {
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub kubernetes_max_backoff: Duration,
 
+    /// Directory for state that survives restarts (day and month budget use).
+    #[arg(long, env = "INTERCEPTOR_STATE_DIR", default_value = "/var/lib/interceptor")]
+    pub state_dir: PathBuf,
+
+    /// How often changed budget use is written to the state directory (what a hard crash may lose).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub state_flush_interval: Duration,
+
     /// Level of the eBPF programs' own log (aya-log): off, error, warn, info, debug, trace.
     #[arg(long, default_value = "warn")]
     pub ebpf_log_level: EbpfLogLevel,

@@ -66,6 +66,8 @@ impl Daemon {
             })
             .arg("--bpffs-dir")
             .arg(&bpffs_dir)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
             .args(extra_args)
             .args(if extra_args.contains(&"--ca-cert") {
                 Vec::new()

@@ -70,6 +70,8 @@ pub struct Scenario {
     /// The enterprise CA (made by `interceptor ca init`) that signs the minted leaves.
     pub enterprise_ca: PathBuf,
     pub host_cgroup: PathBuf,
+    policy: String,
+    daemon_args: Vec<String>,
     pub node: Node,
 }
 
@@ -116,7 +118,8 @@ impl Scenario {
             ca.pem_path.display().to_string(),
         ];
         args.extend(extra_args.iter().map(|a| (*a).to_owned()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let daemon_args = args;
+        let args: Vec<&str> = daemon_args.iter().map(String::as_str).collect();
         let daemon = Daemon::start(&node.dir, policy, true, &args)?;
         Ok(Self {
             daemon,
@@ -126,8 +129,19 @@ impl Scenario {
             ca_path: ca.pem_path,
             enterprise_ca,
             host_cgroup,
+            policy: policy.to_owned(),
+            daemon_args,
             node,
         })
+    }
+
+    /// Stops the daemon gracefully and starts a new one with the same policy, arguments and state
+    /// directory (an upgrade or a restart of the DaemonSet pod).
+    pub fn restart_daemon(&mut self) -> anyhow::Result<()> {
+        self.daemon.stop()?;
+        let args: Vec<&str> = self.daemon_args.iter().map(String::as_str).collect();
+        self.daemon = Daemon::start(&self.node.dir, &self.policy, true, &args)?;
+        Ok(())
     }
 
     /// Starts with the daemon watching the fake Kubernetes API `api` as node [`NODE_NAME`] (records wait

@@ -251,3 +251,41 @@ async fn a_reload_raises_a_limit_while_a_stream_is_in_flight_and_a_broken_edit_k
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_the_days_token_budget() {
+    if !tests::privileged_available("a_restart_keeps_the_days_token_budget") {
+        return;
+    }
+    let rules = "rules:\n  - name: daily-tokens\n    limits: {tokensPerDay: 3000}\n";
+    let mut s =
+        Scenario::start(&format!("{}{rules}", policy("open")), &[]).expect("simulated node and daemon start");
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut admitted = 0;
+    let exhausted = loop {
+        let curl = s.pod_post_json(CHAT, body, &[]).expect("curl");
+        let answer = curl.json().expect("a JSON answer");
+        if answer["error"]["code"] == "insufficient_quota" {
+            break answer;
+        }
+        assert_eq!(answer["object"], "chat.completion", "{answer}");
+        admitted += 1;
+        assert!(admitted < 50, "the budget never ran out");
+    };
+    assert!(admitted >= 1, "{exhausted}");
+    std::thread::sleep(Duration::from_secs(3)); // one flush interval (2 s) and then some
+
+    s.restart_daemon().expect("the daemon restarts");
+    let restored = s
+        .daemon
+        .wait_log(Duration::from_secs(5), |l| l["message"] == "budgets restored")
+        .expect("the budgets are restored");
+    assert_eq!(restored["restored"], 1, "{restored}");
+    assert!(s.node.dir.join("state/quota-budgets.json").is_file());
+    let after = s.pod_post_json(CHAT, body, &["-i"]).expect("curl");
+    assert!(
+        after.stdout().contains(" 429") && after.stdout().contains("insufficient_quota"),
+        "the day's spend survived the restart: {}",
+        after.describe()
+    );
+}

@@ -126,6 +126,8 @@ fn run(root: &std::path::Path, extra: &[String]) -> anyhow::Result<()> {
         "127.0.0.1:9464".into(),
         "--dev-ca-dir".into(),
         dev_ca.display().to_string(),
+        "--state-dir".into(),
+        root.join(".state").display().to_string(),
     ];
     args.extend(extra.iter().cloned());
     let status = std::process::Command::new(&binary)

@@ -149,6 +149,28 @@ pub struct QuotaEngine {
     rules: ArcSwap<Vec<Rule>>,
     state: Mutex<HashMap<StateKey, RuleState>>,
     metrics: QuotaMetrics,
+    /// Bumped by every settlement: the durable store writes only when it moved.
+    changes: std::sync::atomic::AtomicU64,
+}
+
+/// Which budget a durable record is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetKind {
+    TokensDay,
+    CostDay,
+    CostMonth,
+}
+
+/// A budget's use in its window, as the durable store keeps it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BudgetRecord {
+    pub rule: String,
+    pub scope: Option<String>,
+    pub budget: BudgetKind,
+    /// Days (or months) since the epoch, UTC.
+    pub window: u64,
+    pub used: f64,
 }
 
 impl QuotaEngine {
@@ -157,7 +179,70 @@ impl QuotaEngine {
             rules: ArcSwap::from_pointee(rules),
             state: Mutex::new(HashMap::new()),
             metrics,
+            changes: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many settlements so far (the durable store compares it with what it wrote).
+    pub fn generation(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The budgets' use, for the durable store.
+    pub fn snapshot(&self) -> Vec<BudgetRecord> {
+        let state = self.state();
+        let mut records = Vec::new();
+        for (key, entry) in state.iter() {
+            for (kind, budget) in [
+                (BudgetKind::TokensDay, entry.tokens_day.as_ref()),
+                (BudgetKind::CostDay, entry.cost_day.as_ref()),
+                (BudgetKind::CostMonth, entry.cost_month.as_ref()),
+            ] {
+                if let Some(budget) = budget.filter(|b| b.used() > 0.0) {
+                    records.push(BudgetRecord {
+                        rule: key.rule.to_string(),
+                        scope: key.scope.as_deref().map(str::to_owned),
+                        budget: kind,
+                        window: budget.window(),
+                        used: budget.used(),
+                    });
+                }
+            }
+        }
+        records
+    }
+
+    /// Restores budgets written before a restart: records of rules that still have that budget, in
+    /// the current window.
+    pub fn restore(&self, records: &[BudgetRecord]) -> usize {
+        let rules = self.rules.load();
+        let now = Instant::now();
+        let unix = unix_now();
+        let mut state = self.state();
+        let mut restored = 0;
+        for record in records {
+            let Some(rule) = rules.iter().find(|r| r.name == record.rule) else {
+                continue;
+            };
+            let key = StateKey {
+                rule: Arc::from(record.rule.as_str()),
+                scope: record.scope.as_deref().map(Arc::from),
+            };
+            let entry = state.entry(key).or_default();
+            entry.sync(rule, now, unix);
+            let budget = match record.budget {
+                BudgetKind::TokensDay => entry.tokens_day.as_mut(),
+                BudgetKind::CostDay => entry.cost_day.as_mut(),
+                BudgetKind::CostMonth => entry.cost_month.as_mut(),
+            };
+            if let Some(budget) = budget
+                && budget.window() == record.window
+            {
+                budget.restore(record.window, record.used);
+                restored += 1;
+            }
+        }
+        restored
     }
 
     /// Swaps the rules (a reload). Requests in flight settle against the counters they reserved.
@@ -276,6 +361,7 @@ impl QuotaEngine {
     }
 
     fn settle(&self, reservations: &[Reservation], usage: Option<&Usage>, cost_usd: f64) {
+        self.changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let now = Instant::now();
         let unix = unix_now();
         let mut state = self.state();
@@ -793,6 +879,37 @@ mod tests {
             }
         });
         assert_eq!(admitted.into_inner(), 17);
+    }
+
+    #[test]
+    fn budgets_survive_a_snapshot_and_restore() {
+        let spec = "[{name: day, per: namespace, limits: {tokensPerDay: 1000, costPerMonthUsd: 5}}]";
+        let first = engine(spec);
+        let a = pod("team-a", "x");
+        let Decision::Allow { permit, .. } = decide(&first, Some(&a), &demand("m", Some(100))) else {
+            panic!("allowed")
+        };
+        let usage = Usage {
+            input_tokens: 400,
+            output_tokens: 500,
+            ..Usage::default()
+        };
+        permit.settle(Some(&usage), 1.5);
+        let records = first.snapshot();
+        assert_eq!(records.len(), 2, "{records:?}");
+        let second = engine(spec);
+        assert_eq!(second.restore(&records), 2);
+        assert_eq!(
+            rejected(&decide(&second, Some(&a), &demand("m", Some(100)))),
+            Some(("day", Limited::TokenBudget)),
+            "900 of 1000 used before the restart"
+        );
+        let renamed = engine("[{name: other, limits: {tokensPerDay: 1000}}]");
+        assert_eq!(
+            renamed.restore(&records),
+            0,
+            "records of removed rules are dropped"
+        );
     }
 
     #[test]

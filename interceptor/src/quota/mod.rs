@@ -4,11 +4,12 @@
 pub mod engine;
 pub mod reject;
 pub mod spec;
+pub mod store;
 pub mod window;
 
 use prometheus::{IntCounterVec, Opts, Registry};
 
-pub use engine::{Decision, Demand, Limited, Permit, QuotaEngine, Rejection};
+pub use engine::{BudgetKind, BudgetRecord, Decision, Demand, Limited, Permit, QuotaEngine, Rejection};
 pub use spec::{Mode, Rule, RuleSpec};
 
 /// Decision metrics.
