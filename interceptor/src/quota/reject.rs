@@ -58,7 +58,7 @@ pub fn response(adapter: Adapter, rejection: &Rejection) -> RejectionResponse {
                 Limited::Model => ("invalid_request_error", "model_not_found"),
                 Limited::MaxTokens => ("invalid_request_error", "invalid_value"),
                 _ if budget => ("insufficient_quota", "insufficient_quota"),
-                _ => ("requests", "rate_limit_exceeded"),
+                _ => ("rate_limit_exceeded", "rate_limit_exceeded"),
             };
             let param = (rejection.limited == Limited::MaxTokens).then_some("max_tokens");
             json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
