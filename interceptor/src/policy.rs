@@ -339,6 +339,11 @@ impl Policy {
                 .map_err(|m| invalid(format!("interception.bypass[{i}]"), m))?;
         }
         let mut names = HashSet::new();
+        let known = if self.rules.iter().any(|r| !r.providers.is_empty()) {
+            self.provider_names()
+        } else {
+            HashSet::new()
+        };
         for (i, rule) in self.rules.iter().enumerate() {
             let label = if rule.name.is_empty() {
                 format!("rules[{i}]")
@@ -353,7 +358,6 @@ impl Policy {
                     format!("{:?} is used by an earlier rule", rule.name),
                 ));
             }
-            let known = self.provider_names();
             if let Some(unknown) = rule.providers.iter().find(|p| !known.contains(p.as_str())) {
                 return Err(invalid(
                     format!("{label}.providers"),

@@ -41,14 +41,77 @@ pub struct Selector {
 /// A compiled [`Selector`].
 #[derive(Clone, Debug)]
 pub struct SelectorMatcher {
-    namespace: Option<globset::GlobMatcher>,
+    namespace: Option<Pattern>,
     pod_labels: Vec<(String, String)>,
     service_account: Option<String>,
-    workload: Option<globset::GlobMatcher>,
-    exe: Option<globset::GlobMatcher>,
+    workload: Option<Pattern>,
+    exe: Option<Pattern>,
     comm: Option<String>,
     uid: Option<u32>,
-    cgroup: Option<globset::GlobMatcher>,
+    cgroup: Option<Pattern>,
+}
+
+/// A glob, or the exact text when it has no glob syntax (compared without a regex: most selectors
+/// name one namespace or one executable).
+#[derive(Clone, Debug)]
+pub enum Pattern {
+    Exact(String),
+    /// `literal*`: a prefix, then anything but `/`.
+    Prefix(String),
+    Glob(globset::GlobMatcher),
+}
+
+impl Pattern {
+    pub fn compile(pattern: &str) -> Result<Self, String> {
+        const GLOB: [char; 7] = ['*', '?', '[', ']', '{', '}', '\\'];
+        if !pattern.contains(GLOB) {
+            return Ok(Pattern::Exact(pattern.to_owned()));
+        }
+        if let Some(prefix) = pattern.strip_suffix('*')
+            && !prefix.contains(GLOB)
+        {
+            return Ok(Pattern::Prefix(prefix.to_owned()));
+        }
+        compile_glob(pattern).map(Pattern::Glob)
+    }
+
+    pub fn is_match(&self, text: &str) -> bool {
+        match self {
+            Pattern::Exact(exact) => exact == text,
+            Pattern::Prefix(prefix) => text
+                .strip_prefix(prefix.as_str())
+                .is_some_and(|rest| !rest.contains('/')),
+            Pattern::Glob(glob) => glob.is_match(text),
+        }
+    }
+
+    fn is_match_path(&self, path: &std::path::Path) -> bool {
+        match (self, path.to_str()) {
+            (Pattern::Glob(glob), _) => glob.is_match(path),
+            (_, Some(text)) => self.is_match(text),
+            (_, None) => false,
+        }
+    }
+
+    /// Matches `kind/name` without building the string when the pattern is exact or a prefix.
+    fn is_match_pair(&self, kind: &str, name: &str) -> bool {
+        match self {
+            Pattern::Exact(exact) => exact.split_once('/').is_some_and(|(k, n)| k == kind && n == name),
+            // A prefix without `/` cannot match across it: `*` stops at `/`.
+            Pattern::Prefix(prefix) => prefix.split_once('/').is_some_and(|(k, n)| {
+                k == kind && name.strip_prefix(n).is_some_and(|rest| !rest.contains('/'))
+            }),
+            Pattern::Glob(glob) => glob.is_match(format!("{kind}/{name}")),
+        }
+    }
+
+    /// The exact text, when the pattern is not a glob.
+    pub fn exact(&self) -> Option<&str> {
+        match self {
+            Pattern::Exact(exact) => Some(exact),
+            _ => None,
+        }
+    }
 }
 
 impl Selector {
@@ -73,18 +136,18 @@ impl Selector {
             ));
         }
         Ok(SelectorMatcher {
-            namespace: self.namespace.as_deref().map(compile_glob).transpose()?,
+            namespace: self.namespace.as_deref().map(Pattern::compile).transpose()?,
             pod_labels: self
                 .pod_labels
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             service_account: self.service_account.clone(),
-            workload: self.workload.as_deref().map(compile_glob).transpose()?,
-            exe: self.exe.as_deref().map(compile_glob).transpose()?,
+            workload: self.workload.as_deref().map(Pattern::compile).transpose()?,
+            exe: self.exe.as_deref().map(Pattern::compile).transpose()?,
             comm: self.comm.clone(),
             uid: self.uid,
-            cgroup: self.cgroup.as_deref().map(compile_glob).transpose()?,
+            cgroup: self.cgroup.as_deref().map(Pattern::compile).transpose()?,
         })
     }
 }
@@ -100,7 +163,7 @@ impl SelectorMatcher {
             && self
                 .exe
                 .as_ref()
-                .is_none_or(|g| details.exe.as_deref().is_some_and(|e| g.is_match(e)))
+                .is_none_or(|g| details.exe.as_deref().is_some_and(|e| g.is_match_path(e)))
             && self
                 .cgroup
                 .as_ref()
@@ -113,13 +176,24 @@ impl SelectorMatcher {
                 .service_account
                 .as_deref()
                 .is_none_or(|sa| pod.and_then(|p| p.service_account.as_deref()) == Some(sa))
-            && self.workload.as_ref().is_none_or(|g| {
-                pod.is_some_and(|p| g.is_match(format!("{}/{}", p.workload.kind, p.workload.name)))
-            })
+            && self
+                .workload
+                .as_ref()
+                .is_none_or(|g| pod.is_some_and(|p| g.is_match_pair(&p.workload.kind, &p.workload.name)))
             && self
                 .pod_labels
                 .iter()
                 .all(|(k, v)| pod.and_then(|p| p.label(k)) == Some(v.as_str()))
+    }
+
+    /// The one namespace the selector requires, when it names it exactly (rule index).
+    pub fn exact_namespace(&self) -> Option<&str> {
+        self.namespace.as_ref().and_then(Pattern::exact)
+    }
+
+    /// One label the selector requires (rule index).
+    pub fn first_label(&self) -> Option<(&str, &str)> {
+        self.pod_labels.first().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
     /// Whether any field needs the pod's metadata.
@@ -262,6 +336,40 @@ mod tests {
             assert!(
                 !compile(yaml).expect(yaml).matches(&with_pod),
                 "{yaml} must not match"
+            );
+        }
+    }
+
+    #[test]
+    fn exact_and_prefix_patterns_agree_with_globs() {
+        for (pattern, text) in [
+            ("team-a", "team-a"),
+            ("team-a", "team-ab"),
+            ("team-*", "team-a"),
+            ("team-*", "team-a/b"),
+            ("team-*", "other"),
+            ("/usr/bin/py*", "/usr/bin/python3"),
+            ("/usr/bin/py*", "/usr/bin/py/x"),
+            ("t?am", "team"),
+        ] {
+            let fast = Pattern::compile(pattern).expect("pattern");
+            let glob = compile_glob(pattern).expect("glob");
+            assert_eq!(fast.is_match(text), glob.is_match(text), "{pattern} vs {text}");
+        }
+        for (pattern, kind, name) in [
+            ("Deployment/chat", "Deployment", "chat"),
+            ("Deployment/chat", "StatefulSet", "chat"),
+            ("Deployment/ch*", "Deployment", "chat"),
+            ("Deployment/ch*", "Deployment", "other"),
+            ("Deploy*", "Deployment", "chat"),
+            ("*/chat", "Job", "chat"),
+        ] {
+            let fast = Pattern::compile(pattern).expect("pattern");
+            let glob = compile_glob(pattern).expect("glob");
+            assert_eq!(
+                fast.is_match_pair(kind, name),
+                glob.is_match(format!("{kind}/{name}")),
+                "{pattern} vs {kind}/{name}"
             );
         }
     }

@@ -40,6 +40,9 @@ pub enum Which {
     /// pods) against a loopback connect+accept, and the memory of 10,000 pods against full API
     /// objects (no privileges needed).
     Attribution,
+    /// Quota decision cost with 1, 100 and 1,000 rules and 10,000 identities, and the reload time of a
+    /// 1,000-rule file (no privileges needed).
+    Policy,
 }
 
 pub fn run(root: &Path, which: Which) -> anyhow::Result<()> {
@@ -58,6 +61,7 @@ pub fn run(root: &Path, which: Which) -> anyhow::Result<()> {
     let binary = root.join("target/release/interceptor");
     let driver = match which {
         Which::Attribution => "target/release/interceptor-bench-attribution",
+        Which::Policy => "target/release/interceptor-bench-policy",
         _ => "target/release/interceptor-bench",
     };
     let mut command = Command::new(root.join(driver));
@@ -88,7 +92,7 @@ pub fn run(root: &Path, which: Which) -> anyhow::Result<()> {
             &mut command
         }
         Which::Parse { megabytes } => command.args(["parse", "--megabytes", &megabytes.to_string()]),
-        Which::Attribution => &mut command,
+        Which::Attribution | Which::Policy => &mut command,
     };
     sh::status(&mut command)
 }

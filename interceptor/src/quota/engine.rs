@@ -82,6 +82,74 @@ pub enum Decision {
     Reject(Rejection),
 }
 
+/// The rules in force, indexed: a rule that names one namespace exactly is only tried for pods of
+/// that namespace, one that requires a pod label only for pods with that label; the others for every
+/// request. Candidates come out in file order.
+struct RuleSet {
+    rules: Vec<Rule>,
+    names: Vec<Arc<str>>,
+    /// `allowed` decision counters, resolved once per rule.
+    allowed: Vec<prometheus::IntCounter>,
+    by_namespace: HashMap<String, Vec<usize>>,
+    /// label key → label value → rules.
+    by_label: HashMap<String, HashMap<String, Vec<usize>>>,
+    general: Vec<usize>,
+}
+
+impl RuleSet {
+    fn new(rules: Vec<Rule>, metrics: &QuotaMetrics) -> Self {
+        let mut by_namespace: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_label: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
+        let mut general = Vec::new();
+        for (i, rule) in rules.iter().enumerate() {
+            let selector = rule.selector.as_ref();
+            if let Some(namespace) = selector.and_then(|s| s.exact_namespace()) {
+                by_namespace.entry(namespace.to_owned()).or_default().push(i);
+            } else if let Some((key, value)) = selector.and_then(|s| s.first_label()) {
+                by_label
+                    .entry(key.to_owned())
+                    .or_default()
+                    .entry(value.to_owned())
+                    .or_default()
+                    .push(i);
+            } else {
+                general.push(i);
+            }
+        }
+        Self {
+            names: rules.iter().map(|r| Arc::from(r.name.as_str())).collect(),
+            allowed: rules.iter().map(|r| metrics.allowed_counter(&r.name)).collect(),
+            rules,
+            by_namespace,
+            by_label,
+            general,
+        }
+    }
+
+    /// Indices of the rules that may select a request from `pod`, in file order.
+    fn candidates(&self, pod: Option<&crate::kubernetes::PodIdentity>) -> Vec<usize> {
+        let mut candidates = self.general.clone();
+        if let Some(pod) = pod {
+            if let Some(rules) = self.by_namespace.get(&*pod.namespace) {
+                candidates.extend_from_slice(rules);
+            }
+            if !self.by_label.is_empty() {
+                for (key, value) in pod.labels.iter() {
+                    if let Some(rules) = self.by_label.get(&**key).and_then(|values| values.get(&**value)) {
+                        candidates.extend_from_slice(rules);
+                    }
+                }
+            }
+            candidates.sort_unstable();
+        }
+        candidates
+    }
+}
+
+/// Counters by rule and scope (a fast hash: keys are short and come from the policy and the cluster's
+/// own objects).
+type StateMap = HashMap<StateKey, RuleState, rustc_hash::FxBuildHasher>;
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct StateKey {
     rule: Arc<str>,
@@ -146,8 +214,8 @@ struct Reservation {
 /// The rules and their counters. Counters are keyed by rule name, so they survive a reload that
 /// keeps the name.
 pub struct QuotaEngine {
-    rules: ArcSwap<Vec<Rule>>,
-    state: Mutex<HashMap<StateKey, RuleState>>,
+    rules: ArcSwap<RuleSet>,
+    state: Mutex<StateMap>,
     metrics: QuotaMetrics,
     /// Bumped by every settlement: the durable store writes only when it moved.
     changes: std::sync::atomic::AtomicU64,
@@ -176,8 +244,8 @@ pub struct BudgetRecord {
 impl QuotaEngine {
     pub fn new(rules: Vec<Rule>, metrics: QuotaMetrics) -> Self {
         Self {
-            rules: ArcSwap::from_pointee(rules),
-            state: Mutex::new(HashMap::new()),
+            rules: ArcSwap::from_pointee(RuleSet::new(rules, &metrics)),
+            state: Mutex::new(StateMap::default()),
             metrics,
             changes: std::sync::atomic::AtomicU64::new(0),
         }
@@ -215,7 +283,8 @@ impl QuotaEngine {
     /// Restores budgets written before a restart: records of rules that still have that budget, in
     /// the current window.
     pub fn restore(&self, records: &[BudgetRecord]) -> usize {
-        let rules = self.rules.load();
+        let set = self.rules.load();
+        let rules = &set.rules;
         let now = Instant::now();
         let unix = unix_now();
         let mut state = self.state();
@@ -247,14 +316,14 @@ impl QuotaEngine {
 
     /// Swaps the rules (a reload). Requests in flight settle against the counters they reserved.
     pub fn replace_rules(&self, rules: Vec<Rule>) {
-        self.rules.store(Arc::new(rules));
+        self.rules.store(Arc::new(RuleSet::new(rules, &self.metrics)));
     }
 
     pub fn rule_count(&self) -> usize {
-        self.rules.load().len()
+        self.rules.load().rules.len()
     }
 
-    fn state(&self) -> MutexGuard<'_, HashMap<StateKey, RuleState>> {
+    fn state(&self) -> MutexGuard<'_, StateMap> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -266,14 +335,13 @@ impl QuotaEngine {
         demand: &Demand<'_>,
         estimate_cost: &dyn Fn(u64, u64) -> f64,
     ) -> Decision {
-        let rules = self.rules.load();
-        let matching: Vec<&Rule> = rules
-            .iter()
-            .filter(|rule| {
-                (rule.providers.is_empty() || rule.providers.iter().any(|p| p == demand.provider))
-                    && rule.selector.as_ref().is_none_or(|s| s.matches(identity))
-            })
-            .collect();
+        let set = self.rules.load();
+        let mut matching = set.candidates(identity.pod);
+        matching.retain(|&i| {
+            let rule = &set.rules[i];
+            (rule.providers.is_empty() || rule.providers.iter().any(|p| p == demand.provider))
+                && rule.selector.as_ref().is_none_or(|s| s.matches(identity))
+        });
         if matching.is_empty() {
             return Decision::Allow {
                 permit: Permit::empty(self.clone()),
@@ -285,7 +353,8 @@ impl QuotaEngine {
         let mut planned = Vec::with_capacity(matching.len());
         let mut observed = Vec::new();
         // Models and request size first: a denied model is reported as such whatever the counters say.
-        for rule in &matching {
+        for &i in &matching {
+            let rule = &set.rules[i];
             if let Some(rejection) = check_request(rule, demand) {
                 match rule.mode {
                     Mode::Enforce => {
@@ -296,10 +365,12 @@ impl QuotaEngine {
                 }
             }
         }
+        let mut priced: Option<(u64, f64)> = None;
         let mut state = self.state();
-        for rule in &matching {
+        for &i in &matching {
+            let rule = &set.rules[i];
             let key = StateKey {
-                rule: Arc::from(rule.name.as_str()),
+                rule: set.names[i].clone(),
                 scope: scope_key(rule.per, identity),
             };
             let limits = &rule.limits;
@@ -314,7 +385,14 @@ impl QuotaEngine {
                 TokenType::Output => output,
             } as f64;
             let cost = if limits.cost_per_day_usd.is_some() || limits.cost_per_month_usd.is_some() {
-                estimate_cost(demand.input_tokens, output)
+                match priced {
+                    Some((priced_output, cost)) if priced_output == output => cost,
+                    _ => {
+                        let cost = estimate_cost(demand.input_tokens, output);
+                        priced = Some((output, cost));
+                        cost
+                    }
+                }
             } else {
                 0.0
             };
@@ -345,10 +423,12 @@ impl QuotaEngine {
             });
         }
         drop(state);
-        for rule in &matching {
-            let limited = observed.iter().find(|o| *o.rule == *rule.name).map(|o| o.limited);
-            let outcome = if limited.is_some() { "observed" } else { "allowed" };
-            self.metrics.count_allowed(&rule.name, outcome, limited);
+        for &i in &matching {
+            let rule = &set.rules[i];
+            match observed.iter().find(|o| *o.rule == *rule.name) {
+                Some(o) => self.metrics.count(&rule.name, "observed", o.limited),
+                None => set.allowed[i].inc(),
+            }
         }
         Decision::Allow {
             permit: Permit {
@@ -791,6 +871,30 @@ mod tests {
             rejected(&decide(&engine, None, &demand("gpt-4o", None))),
             Some(("rate", Limited::Requests))
         );
+    }
+
+    #[test]
+    fn indexed_rules_apply_in_file_order() {
+        let engine = engine(
+            "[{name: by-label, match: {podLabels: {tier: web}}, limits: {requestsPerMinute: 1}},
+              {name: by-namespace, match: {namespace: team-a}, limits: {requestsPerMinute: 1}},
+              {name: everyone, limits: {requestsPerMinute: 100}}]",
+        );
+        let mut web = pod("team-a", "x");
+        web.labels = vec![("tier".into(), "web".into())].into_boxed_slice();
+        let _ = decide(&engine, Some(&web), &demand("m", None));
+        assert_eq!(
+            rejected(&decide(&engine, Some(&web), &demand("m", None))),
+            Some(("by-label", Limited::Requests)),
+            "the first rule in the file that rejects is named"
+        );
+        let plain = pod("team-a", "y");
+        assert_eq!(
+            rejected(&decide(&engine, Some(&plain), &demand("m", None))),
+            Some(("by-namespace", Limited::Requests)),
+            "the label rule does not select a pod without the label"
+        );
+        assert!(rejected(&decide(&engine, Some(&pod("team-b", "z")), &demand("m", None))).is_none());
     }
 
     #[test]

@@ -43,9 +43,8 @@ impl QuotaMetrics {
             .inc();
     }
 
-    fn count_allowed(&self, rule: &str, outcome: &str, limited: Option<Limited>) {
-        self.decisions
-            .with_label_values(&[rule, outcome, limited.map_or("none", Limited::name)])
-            .inc();
+    /// The counter of a rule's allowed requests (resolved once per rule, not per request).
+    fn allowed_counter(&self, rule: &str) -> prometheus::IntCounter {
+        self.decisions.with_label_values(&[rule, "allowed", "none"])
     }
 }
