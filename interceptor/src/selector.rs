@@ -171,7 +171,7 @@ impl SelectorMatcher {
             && self
                 .namespace
                 .as_ref()
-                .is_none_or(|g| pod.is_some_and(|p| g.is_match(&*p.namespace)))
+                .is_none_or(|g| pod.is_some_and(|p| g.is_match(&p.namespace)))
             && self
                 .service_account
                 .as_deref()
