@@ -28,6 +28,13 @@ fn run_args(policy: &std::path::Path) -> Vec<String> {
         "off".into(),
         "--bpffs-dir".into(),
         format!("/sys/fs/bpf/ict-startup-{}", std::process::id()),
+        "--state-dir".into(),
+        policy
+            .parent()
+            .map(|d| d.join("state"))
+            .unwrap_or_default()
+            .display()
+            .to_string(),
         "--dev-ca-dir".into(),
         policy
             .parent()
@@ -113,9 +120,13 @@ fn missing_privileges_is_one_error_line() {
         .output()
         .expect("ca init");
     assert!(init.status.success(), "{init:?}");
+    // So is the state directory.
+    let state_dir = policy.parent().expect("dir").join("state");
+    std::fs::create_dir_all(&state_dir).expect("state dir");
     let chown = Command::new("chown")
         .args(["-R", "65534:65534"])
         .arg(&ca_dir)
+        .arg(&state_dir)
         .status()
         .expect("chown");
     assert!(chown.success());
