@@ -141,6 +141,15 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     readiness.set_targets_installed(true);
     background.spawn(discovery.run(stop_background.clone()));
 
+    if let Some(redis) = policy.budget_store.redis.clone() {
+        background.spawn(crate::quota::cluster::run(
+            quota.clone(),
+            redis,
+            policy.budget_store.on_unavailable,
+            crate::quota::cluster::ClusterMetrics::register(&registry)?,
+            stop_background.clone(),
+        ));
+    }
     background.spawn(crate::quota::store::run(
         quota.clone(),
         budgets_path,

@@ -14,6 +14,7 @@ use interceptor_protocols::pricing::ProviderPricesSpec;
 use serde::Deserialize;
 
 use crate::providers::{self, Adapter};
+use crate::quota::cluster::BudgetStoreSpec;
 use crate::quota::{Rule, RuleSpec};
 use crate::selector::{Selector, SelectorMatcher};
 
@@ -68,6 +69,9 @@ pub struct Policy {
     /// Quota rules. Every rule that selects a request must allow it.
     #[serde(default)]
     pub rules: Vec<RuleSpec>,
+    /// Where day and month budgets are shared across nodes (default: each node alone).
+    #[serde(default)]
+    pub budget_store: BudgetStoreSpec,
 }
 
 /// Token and cost accounting settings.
@@ -368,6 +372,11 @@ impl Policy {
                     }),
                 ));
             }
+        }
+        if let Some(redis) = &self.budget_store.redis {
+            redis
+                .validate()
+                .map_err(|(field, message)| invalid(format!("budgetStore.redis.{field}"), message))?;
         }
         let ttl = self.interception.leaf_ttl;
         if ttl < Duration::from_secs(600) || ttl > Duration::from_secs(397 * 24 * 3600) {

@@ -15,6 +15,7 @@ pub mod kubeapi;
 pub mod node;
 pub mod pki;
 pub mod provider;
+pub mod redis;
 pub mod scenario;
 
 /// Whether privileged tests can run here (root, cgroup2, bpffs). When `CI` is set and they cannot,

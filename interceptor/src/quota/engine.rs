@@ -219,6 +219,8 @@ pub struct QuotaEngine {
     metrics: QuotaMetrics,
     /// Bumped by every settlement: the durable store writes only when it moved.
     changes: std::sync::atomic::AtomicU64,
+    /// Set while the cluster-wide budget store is unreachable and the policy says `reject`.
+    cluster_unavailable: std::sync::atomic::AtomicBool,
 }
 
 /// Which budget a durable record is.
@@ -248,7 +250,77 @@ impl QuotaEngine {
             state: Mutex::new(StateMap::default()),
             metrics,
             changes: std::sync::atomic::AtomicU64::new(0),
+            cluster_unavailable: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Takes every budget's use not yet pushed to the cluster-wide store (zero deltas included: the
+    /// push also reads the other nodes' use of every budget this node knows).
+    pub fn take_cluster_deltas(&self) -> Vec<BudgetRecord> {
+        let unix = unix_now();
+        let mut state = self.state();
+        let mut deltas = Vec::new();
+        for (key, entry) in state.iter_mut() {
+            for (kind, budget) in [
+                (BudgetKind::TokensDay, entry.tokens_day.as_mut()),
+                (BudgetKind::CostDay, entry.cost_day.as_mut()),
+                (BudgetKind::CostMonth, entry.cost_month.as_mut()),
+            ] {
+                if let Some(budget) = budget {
+                    let delta = budget.take_unsynced(unix);
+                    deltas.push(BudgetRecord {
+                        rule: key.rule.to_string(),
+                        scope: key.scope.as_deref().map(str::to_owned),
+                        budget: kind,
+                        window: budget.window(),
+                        used: delta,
+                    });
+                }
+            }
+        }
+        deltas
+    }
+
+    /// Applies the cluster-wide totals read back after a push (`used` = every node's use).
+    pub fn apply_cluster_totals(&self, totals: &[BudgetRecord]) {
+        self.with_budgets(totals, |budget, record| {
+            budget.set_cluster_used(record.window, record.used)
+        });
+    }
+
+    /// Gives back deltas whose push failed (they go with the next one).
+    pub fn return_cluster_deltas(&self, deltas: &[BudgetRecord]) {
+        self.with_budgets(deltas, |budget, record| {
+            budget.return_unsynced(record.window, record.used)
+        });
+    }
+
+    fn with_budgets(&self, records: &[BudgetRecord], apply: impl Fn(&mut Budget, &BudgetRecord)) {
+        let mut state = self.state();
+        for record in records {
+            let key = StateKey {
+                rule: Arc::from(record.rule.as_str()),
+                scope: record.scope.as_deref().map(Arc::from),
+            };
+            let Some(entry) = state.get_mut(&key) else {
+                continue;
+            };
+            let budget = match record.budget {
+                BudgetKind::TokensDay => entry.tokens_day.as_mut(),
+                BudgetKind::CostDay => entry.cost_day.as_mut(),
+                BudgetKind::CostMonth => entry.cost_month.as_mut(),
+            };
+            if let Some(budget) = budget {
+                apply(budget, record);
+            }
+        }
+    }
+
+    /// While the cluster-wide store cannot be reached and the policy says `reject`, budgeted rules
+    /// reject.
+    pub fn set_cluster_unavailable(&self, unavailable: bool) {
+        self.cluster_unavailable
+            .store(unavailable, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// How many settlements so far (the durable store compares it with what it wrote).
@@ -398,6 +470,30 @@ impl QuotaEngine {
             };
             let entry = state.entry(key.clone()).or_default();
             entry.sync(rule, now, unix);
+            if self
+                .cluster_unavailable
+                .load(std::sync::atomic::Ordering::Relaxed)
+                && (entry.tokens_day.is_some() || entry.cost_day.is_some() || entry.cost_month.is_some())
+            {
+                let rejection = RejectionOf { rule }.make(
+                    Limited::CostBudget,
+                    format!(
+                        "The cluster-wide budget of policy rule `{}` cannot be checked right now.",
+                        rule.name
+                    ),
+                    Some(Duration::from_secs(5)),
+                    None,
+                    None,
+                    None,
+                );
+                match rule.mode {
+                    Mode::Enforce => {
+                        self.metrics.count(&rule.name, "rejected", rejection.limited);
+                        return Decision::Reject(rejection);
+                    }
+                    Mode::Observe => observed.push(rejection),
+                }
+            }
             if let Some(rejection) = check_counters(rule, entry, tokens, cost, now, unix) {
                 match rule.mode {
                     Mode::Enforce => {

@@ -1,6 +1,7 @@
 //! Quotas: the policy's rules, their counters, decisions before a request is forwarded, settlement
 //! with the real usage after it, and rejections shaped like the provider's own errors.
 
+pub mod cluster;
 pub mod engine;
 pub mod reject;
 pub mod spec;

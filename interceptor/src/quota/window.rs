@@ -154,6 +154,8 @@ pub struct Budget {
     window: u64,
     used: f64,
     reserved: f64,
+    /// Use settled here and not yet pushed to the cluster-wide store.
+    unsynced: f64,
 }
 
 impl Budget {
@@ -164,6 +166,7 @@ impl Budget {
             window: calendar.window(unix_seconds).0,
             used: 0.0,
             reserved: 0.0,
+            unsynced: 0.0,
         }
     }
 
@@ -177,6 +180,7 @@ impl Budget {
         if window > self.window {
             self.window = window;
             self.used = 0.0;
+            self.unsynced = 0.0;
         }
         until_next
     }
@@ -203,6 +207,28 @@ impl Budget {
         self.roll(unix_seconds);
         self.reserved = (self.reserved - reserved).max(0.0);
         self.used += actual;
+        self.unsynced += actual;
+    }
+
+    /// Takes the use not yet pushed to the cluster-wide store (rolling the window first).
+    pub fn take_unsynced(&mut self, unix_seconds: u64) -> f64 {
+        self.roll(unix_seconds);
+        std::mem::take(&mut self.unsynced)
+    }
+
+    /// Gives back use whose push failed.
+    pub fn return_unsynced(&mut self, window: u64, amount: f64) {
+        if window == self.window {
+            self.unsynced += amount;
+        }
+    }
+
+    /// The cluster-wide use of `window` (every node's, this one's pushes included): what this node
+    /// settled since the push is added on top.
+    pub fn set_cluster_used(&mut self, window: u64, total: f64) {
+        if window == self.window {
+            self.used = total + self.unsynced;
+        }
     }
 
     pub fn used(&self) -> f64 {
@@ -345,6 +371,21 @@ mod tests {
         }
         assert_eq!(budget.used(), 100.0);
         assert!(budget.check(1.0, day).is_err());
+    }
+
+    #[test]
+    fn cluster_totals_replace_local_use_and_keep_what_is_unsynced() {
+        let day = 1_795_478_400;
+        let mut budget = Budget::new(Calendar::Day, 100.0, day);
+        budget.settle(0.0, 10.0, day);
+        let pushed = budget.take_unsynced(day);
+        assert_eq!(pushed, 10.0);
+        budget.settle(0.0, 5.0, day); // settled while the push was in flight
+        budget.set_cluster_used(budget.window(), 70.0); // 10 of ours + 60 of other nodes
+        assert_eq!(budget.used(), 75.0);
+        assert!(budget.check(30.0, day).is_err());
+        budget.return_unsynced(budget.window(), 0.0);
+        assert_eq!(budget.take_unsynced(day), 5.0);
     }
 
     #[test]
