@@ -35,7 +35,7 @@ pub enum PriceError {
 }
 
 /// Prices of one model, in US dollars per million tokens, as written in the table.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ModelPriceSpec {
     pub input: f64,
@@ -50,7 +50,7 @@ pub struct ModelPriceSpec {
     pub long_context: Option<LongContextSpec>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LongContextSpec {
     pub above_input_tokens: u64,
@@ -61,7 +61,7 @@ pub struct LongContextSpec {
 }
 
 /// A provider's section of the table.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProviderPricesSpec {
     #[serde(default)]

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The API dialect a provider domain speaks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Adapter {
     /// OpenAI's own API.

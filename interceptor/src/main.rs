@@ -70,6 +70,8 @@ enum CaCommand {
 enum PolicyCommand {
     /// Validate a policy file: exit 0 when valid, 1 with a precise message when not.
     Check { file: PathBuf },
+    /// Print the JSON Schema of the policy file (for editors; shipped as deploy/policy.schema.json).
+    Schema,
 }
 
 fn main() -> ExitCode {
@@ -119,6 +121,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
+        Command::Policy {
+            command: PolicyCommand::Schema,
+        } => {
+            println!("{}", interceptor::policy::json_schema()?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Ca {
             command: CaCommand::Init { out, name },
         } => {

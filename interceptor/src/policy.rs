@@ -41,7 +41,7 @@ pub enum PolicyError {
 }
 
 /// The policy document.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Policy {
     /// Format version; must be `interceptor.dev/v1alpha1`.
@@ -74,8 +74,22 @@ pub struct Policy {
     pub budget_store: BudgetStoreSpec,
 }
 
+/// The JSON Schema of the policy file, pretty-printed (editors validate and complete with it).
+pub fn json_schema() -> Result<String, serde_json::Error> {
+    let mut schema = schemars::schema_for!(Policy);
+    schema.insert(
+        "$id".into(),
+        serde_json::json!("https://interceptor.dev/schemas/policy-v1alpha1.json"),
+    );
+    schema.insert(
+        "title".into(),
+        serde_json::json!("InterceptorPolicy (interceptor.dev/v1alpha1)"),
+    );
+    serde_json::to_string_pretty(&schema)
+}
+
 /// Token and cost accounting settings.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Accounting {
     /// Read provider bodies for usage, model and cost (default `true`). With `false` requests are
@@ -107,7 +121,7 @@ impl Default for Accounting {
 }
 
 /// How usage of OpenAI-style streams is obtained when the client did not ask for it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum StreamUsage {
     /// Add `stream_options.include_usage=true` to the request and remove the extra usage chunk from
@@ -128,7 +142,7 @@ fn default_request_buffer_budget() -> u64 {
 }
 
 /// A provider domain entry.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ProviderDomain {
     /// Domain name, or a pattern with one `*` (e.g. `*.openai.azure.com`).
@@ -149,7 +163,7 @@ pub struct ProviderDomain {
 }
 
 /// Interception settings.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Interception {
     /// What happens to new connections when the daemon is not running.
@@ -157,6 +171,7 @@ pub struct Interception {
     pub failure_mode: FailureMode,
     /// Lifetime of the leaf certificates minted per SNI (renewed after two thirds of it).
     #[serde(default = "default_leaf_ttl", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub leaf_ttl: Duration,
     /// Workloads whose connections are relayed untouched (never decrypted), e.g. clients that pin
     /// certificates. A connection is bypassed when any selector matches.
@@ -175,7 +190,7 @@ impl Default for Interception {
 }
 
 /// Behaviour when the daemon is gone.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum FailureMode {
     /// Programs are detached with the daemon: applications connect directly (default).
@@ -186,20 +201,24 @@ pub enum FailureMode {
 }
 
 /// Address discovery settings.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Discovery {
     /// Shortest interval between two resolutions of a domain, whatever the record TTL.
     #[serde(default = "default_min_refresh", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub min_refresh: Duration,
     /// Longest interval between two resolutions of a domain.
     #[serde(default = "default_max_refresh", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub max_refresh: Duration,
     /// How long an address that left the DNS answers stays a target (clients may still use it).
     #[serde(default = "default_stale_grace", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub stale_grace: Duration,
     /// Delay before retrying a domain whose resolution failed.
     #[serde(default = "default_retry_interval", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub retry_interval: Duration,
 }
 

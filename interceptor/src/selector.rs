@@ -9,7 +9,7 @@ use serde::Deserialize;
 use crate::identity::Identity;
 
 /// A selector as written in the policy.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Selector {
     /// Kubernetes namespace glob (e.g. `team-*`).

@@ -170,3 +170,38 @@ fn each_mistake_is_named_precisely() {
         }
     }
 }
+
+/// The schema shipped for editors is the one the daemon's own types produce.
+#[test]
+fn the_shipped_json_schema_is_current() {
+    let output = Command::new(tests::daemon::binary())
+        .args(["policy", "schema"])
+        .output()
+        .expect("interceptor policy schema runs");
+    assert!(output.status.success(), "{output:?}");
+    let generated: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/policy.schema.json");
+    let shipped: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("deploy/policy.schema.json"))
+            .expect("JSON");
+    assert_eq!(
+        generated, shipped,
+        "deploy/policy.schema.json is stale: regenerate it with `interceptor policy schema > deploy/policy.schema.json`"
+    );
+    // Unknown fields are errors in the daemon; the schema says so too, and knows every section.
+    assert_eq!(shipped["additionalProperties"], false);
+    for section in [
+        "providers",
+        "interception",
+        "discovery",
+        "accounting",
+        "pricing",
+        "rules",
+        "budgetStore",
+    ] {
+        assert!(
+            shipped["properties"][section].is_object(),
+            "{section} missing from the schema"
+        );
+    }
+}

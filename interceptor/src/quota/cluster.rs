@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use super::engine::{BudgetKind, BudgetRecord, QuotaEngine};
 
 /// The policy's `budgetStore` section.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct BudgetStoreSpec {
     /// Share day and month budgets across nodes through Redis.
@@ -28,7 +28,7 @@ pub struct BudgetStoreSpec {
     pub on_unavailable: OnUnavailable,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RedisSpec {
     /// `redis://[user:password@]host:port[/db]` (or `rediss://` for TLS).
@@ -39,9 +39,11 @@ pub struct RedisSpec {
     /// How often use is pushed and totals read back (default 500 ms): the most another node's use can
     /// lag behind.
     #[serde(default = "default_sync_interval", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub sync_interval: Duration,
     /// Timeout of one push (default 1 s).
     #[serde(default = "default_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub timeout: Duration,
 }
 
@@ -57,7 +59,7 @@ fn default_timeout() -> Duration {
     Duration::from_secs(1)
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OnUnavailable {
     /// Enforce with this node's own use and the last totals read (default).

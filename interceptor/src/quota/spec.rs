@@ -5,7 +5,7 @@ use serde::Deserialize;
 use crate::selector::{Selector, SelectorMatcher};
 
 /// One rule: which requests it selects, and what it allows them.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RuleSpec {
     /// Unique name: metrics label, `x-interceptor-rule` header, counter identity across reloads.
@@ -30,7 +30,7 @@ pub struct RuleSpec {
     pub limits: LimitsSpec,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     #[default]
@@ -47,7 +47,7 @@ impl Mode {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
     #[default]
@@ -57,7 +57,7 @@ pub enum Scope {
     Pod,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelsSpec {
     #[serde(default)]
@@ -67,7 +67,7 @@ pub struct ModelsSpec {
 }
 
 /// Which tokens the token limits count.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenType {
     #[default]
@@ -77,7 +77,7 @@ pub enum TokenType {
 }
 
 /// Limits; each is optional.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LimitsSpec {
     pub requests_per_minute: Option<f64>,
