@@ -100,6 +100,84 @@ fn decision_ns(rules: usize, pods: &[PodIdentity], rounds: usize) -> anyhow::Res
     Ok(samples[samples.len() / 2])
 }
 
+/// p99 of single decisions (1,000 rules) over `duration`, with the cluster-wide budget sync to a real
+/// redis-server running alongside when `redis` is given.
+fn decision_p99(
+    pods: &[PodIdentity],
+    redis: Option<&tests::redis::RedisServer>,
+    duration: Duration,
+) -> anyhow::Result<(Duration, usize)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let policy = Policy::parse(&policy_text(1000), "bench")?;
+    let engine = Arc::new(QuotaEngine::new(
+        policy.compiled_rules(),
+        QuotaMetrics::detached()?,
+    ));
+    let stop = tokio_util::sync::CancellationToken::new();
+    if let Some(redis) = redis {
+        let spec = interceptor::quota::cluster::RedisSpec {
+            url: redis.url(),
+            key_prefix: format!("bench-{}", std::process::id()),
+            sync_interval: Duration::from_millis(100),
+            timeout: Duration::from_secs(1),
+        };
+        runtime.spawn(interceptor::quota::cluster::run(
+            engine.clone(),
+            spec,
+            interceptor::quota::cluster::OnUnavailable::Local,
+            interceptor::quota::cluster::ClusterMetrics::register(&prometheus::Registry::new())?,
+            stop.clone(),
+        ));
+    }
+    let facts = KernelFacts {
+        original_dst: "203.0.113.10:443".parse()?,
+        tgid: 1,
+        pid: 1,
+        uid: 1000,
+        gid: 1000,
+        cgroup_id: 1,
+        netns_cookie: 1,
+        socket_cookie: 1,
+        comm: "python3".into(),
+    };
+    let details = ProcessDetails::default();
+    let demand = Demand {
+        provider: "openai",
+        model: Some("gpt-4o-mini"),
+        input_tokens: 200,
+        max_output_tokens: Some(256),
+    };
+    let usage = interceptor_protocols::Usage {
+        input_tokens: 200,
+        output_tokens: 100,
+        ..Default::default()
+    };
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        for pod in pods.iter().step_by(7) {
+            let identity = Identity {
+                facts: &facts,
+                details: &details,
+                pod: Some(pod),
+            };
+            let begin = Instant::now();
+            match engine.decide(&identity, &demand, &|_, _| 0.001) {
+                Decision::Allow { permit, .. } => permit.settle(Some(&usage), 0.001),
+                Decision::Reject(r) => anyhow::bail!("unexpected rejection by {}", r.rule),
+            }
+            samples.push(begin.elapsed());
+        }
+    }
+    stop.cancel();
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    samples.sort();
+    Ok((samples[samples.len() * 99 / 100], samples.len()))
+}
+
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
@@ -130,6 +208,24 @@ fn main() -> anyhow::Result<()> {
             ns / baseline
         );
     }
+    let redis = tests::redis::RedisServer::start()?;
+    let (local, count) = decision_p99(&pods, None, Duration::from_secs(3))?;
+    let (shared, _) = decision_p99(&pods, Some(&redis), Duration::from_secs(3))?;
+    println!("decision p99, 1,000 rules, {count} decisions in 3 s, day and cost budgets on every rule");
+    println!(
+        "  baseline: budgets local            {:>8.1} µs",
+        local.as_secs_f64() * 1e6
+    );
+    println!(
+        "  budgets shared through Redis       {:>8.1} µs  +{:.3} ms   target ≤ +1 ms: {}",
+        shared.as_secs_f64() * 1e6,
+        (shared.as_secs_f64() - local.as_secs_f64()) * 1000.0,
+        if shared.saturating_sub(local) <= Duration::from_millis(1) {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
     let text = policy_text(1000);
     let (mut plain, mut reload) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
