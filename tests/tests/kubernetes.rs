@@ -69,6 +69,18 @@ fn request_of(s: &mut Scenario, pid: u32, timeout: Duration) -> Value {
         .unwrap_or_else(|e| panic!("no request line for pid {pid}: {e:#}"))
 }
 
+/// The chat pod of team-a, known to the directory.
+fn assert_chat_pod(line: &Value) {
+    assert_pod(
+        line,
+        "team-a",
+        "chat-7d9f8b6c5d-a1b2c",
+        "Deployment/chat",
+        "chat-sa",
+        "known",
+    );
+}
+
 fn assert_pod(
     line: &Value,
     namespace: &str,
@@ -136,14 +148,7 @@ async fn requests_carry_namespace_workload_service_account_and_exe() {
     // Two pods in two namespaces, told apart.
     let a = post_chat(&s, &s.pod);
     let line = request_of(&mut s, a.pid, Duration::from_secs(10));
-    assert_pod(
-        &line,
-        "team-a",
-        "chat-7d9f8b6c5d-a1b2c",
-        "Deployment/chat",
-        "chat-sa",
-        "known",
-    );
+    assert_chat_pod(&line);
     assert_eq!(line["pod_uid"], s.pod.uid.as_str(), "{line}");
     let b = post_chat(&s, &pod_b);
     let line = request_of(&mut s, b.pid, Duration::from_secs(10));
@@ -275,14 +280,7 @@ async fn traffic_and_attribution_survive_the_api_going_away_for_30_seconds() {
     while away.elapsed() < Duration::from_secs(30) {
         let curl = post_chat(&s, &s.pod);
         let line = request_of(&mut s, curl.pid, Duration::from_secs(10));
-        assert_pod(
-            &line,
-            "team-a",
-            "chat-7d9f8b6c5d-a1b2c",
-            "Deployment/chat",
-            "chat-sa",
-            "known",
-        );
+        assert_chat_pod(&line);
         requests += 1;
         std::thread::sleep(Duration::from_secs(3));
     }

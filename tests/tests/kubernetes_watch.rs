@@ -229,26 +229,15 @@ fn the_pod_watch_follows_the_api_through_bookmarks_drops_gone_and_outages() {
             .get(uid)
             .map(|p| (p.workload.to_string(), p.workload_source))
     };
-    assert_eq!(
-        workload("uid-chat-b"),
-        Some(("Deployment/chat".into(), WorkloadSource::Resolved))
-    );
-    assert_eq!(
-        workload("uid-nightly"),
-        Some(("CronJob/nightly".into(), WorkloadSource::Resolved))
-    );
-    assert_eq!(
-        workload("uid-db"),
-        Some(("StatefulSet/db".into(), WorkloadSource::Direct))
-    );
-    assert_eq!(
-        workload("uid-bare"),
-        Some(("Pod/bare".into(), WorkloadSource::Direct))
-    );
-    assert_eq!(
-        workload("uid-orphan"),
-        Some(("Deployment/gone".into(), WorkloadSource::Inferred))
-    );
+    for (uid, expected, source) in [
+        ("uid-chat-b", "Deployment/chat", WorkloadSource::Resolved),
+        ("uid-nightly", "CronJob/nightly", WorkloadSource::Resolved),
+        ("uid-db", "StatefulSet/db", WorkloadSource::Direct),
+        ("uid-bare", "Pod/bare", WorkloadSource::Direct),
+        ("uid-orphan", "Deployment/gone", WorkloadSource::Inferred),
+    ] {
+        assert_eq!(workload(uid), Some((expected.into(), source)), "{uid}");
+    }
 
     let requests = api.requests();
     assert_eq!(
