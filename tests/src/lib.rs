@@ -57,3 +57,18 @@ pub fn python_script(name: &str) -> std::path::PathBuf {
         .join("python")
         .join(name)
 }
+
+/// Kernel facts of a made-up `python3` caller, for in-process quota tests and benchmarks.
+pub fn sample_facts() -> interceptor::identity::KernelFacts {
+    interceptor::identity::KernelFacts {
+        original_dst: std::net::SocketAddr::from(([203, 0, 113, 10], 443)),
+        tgid: 1,
+        pid: 1,
+        uid: 1000,
+        gid: 1000,
+        cgroup_id: 1,
+        netns_cookie: 1,
+        socket_cookie: 1,
+        comm: "python3".into(),
+    }
+}

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use interceptor::identity::{Identity, KernelFacts, ProcessDetails};
+use interceptor::identity::{Identity, ProcessDetails};
 use interceptor::quota::cluster::{self, ClusterMetrics, OnUnavailable, RedisSpec};
 use interceptor::quota::{Decision, Demand, Limited, QuotaEngine, QuotaMetrics, RuleSpec};
 use interceptor_protocols::Usage;
@@ -54,17 +54,7 @@ impl Node {
 
     /// A request reserving 100 input + `output` tokens; settled with `used` tokens when admitted.
     fn request(&self, output: u64, used: u64) -> Option<Limited> {
-        let facts = KernelFacts {
-            original_dst: "203.0.113.10:443".parse().expect("addr"),
-            tgid: 1,
-            pid: 1,
-            uid: 0,
-            gid: 0,
-            cgroup_id: 1,
-            netns_cookie: 1,
-            socket_cookie: 1,
-            comm: "python3".into(),
-        };
+        let facts = tests::sample_facts();
         let details = ProcessDetails {
             exe: Some(PathBuf::from("/usr/bin/python3")),
             ..ProcessDetails::default()

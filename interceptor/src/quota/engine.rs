@@ -594,6 +594,26 @@ struct RejectionOf<'a> {
 }
 
 impl RejectionOf<'_> {
+    /// A rejection by a token bucket: retry when it refills, with its limit and state for headers.
+    fn by_bucket(
+        &self,
+        limited: Limited,
+        message: String,
+        wait: Duration,
+        bucket: &mut Bucket,
+        now: Instant,
+    ) -> Rejection {
+        let (limit, remaining, reset) = (bucket.capacity(), bucket.remaining(now), bucket.reset_after(now));
+        self.make(
+            limited,
+            message,
+            Some(wait),
+            Some(limit),
+            Some(remaining),
+            Some(reset),
+        )
+    }
+
     fn make(
         &self,
         limited: Limited,
@@ -679,19 +699,13 @@ fn check_counters(
     if let Some(bucket) = entry.requests.as_mut()
         && let Err(wait) = bucket.check(1.0, now)
     {
-        return Some(reject.make(
-            Limited::Requests,
-            format!(
-                "Rate limit reached: {} requests per minute allowed by policy rule `{}`. Please try again in {:.1}s.",
-                bucket.capacity(),
-                rule.name,
-                wait.as_secs_f64()
-            ),
-            Some(wait),
-            Some(bucket.capacity()),
-            Some(bucket.remaining(now)),
-            Some(bucket.reset_after(now)),
-        ));
+        let message = format!(
+            "Rate limit reached: {} requests per minute allowed by policy rule `{}`. Please try again in {:.1}s.",
+            bucket.capacity(),
+            rule.name,
+            wait.as_secs_f64()
+        );
+        return Some(reject.by_bucket(Limited::Requests, message, wait, bucket, now));
     }
     for (bucket, per) in [
         (entry.tokens_minute.as_mut(), "minute"),
@@ -700,19 +714,13 @@ fn check_counters(
         if let Some(bucket) = bucket
             && let Err(wait) = bucket.check(tokens, now)
         {
-            return Some(reject.make(
-                Limited::Tokens,
-                format!(
-                    "Rate limit reached: {} tokens per {per} allowed by policy rule `{}` (this request reserves {tokens}). Please try again in {:.1}s.",
-                    bucket.capacity(),
-                    rule.name,
-                    wait.as_secs_f64()
-                ),
-                Some(wait),
-                Some(bucket.capacity()),
-                Some(bucket.remaining(now)),
-                Some(bucket.reset_after(now)),
-            ));
+            let message = format!(
+                "Rate limit reached: {} tokens per {per} allowed by policy rule `{}` (this request reserves {tokens}). Please try again in {:.1}s.",
+                bucket.capacity(),
+                rule.name,
+                wait.as_secs_f64()
+            );
+            return Some(reject.by_bucket(Limited::Tokens, message, wait, bucket, now));
         }
     }
     if let Some(budget) = entry.tokens_day.as_mut()

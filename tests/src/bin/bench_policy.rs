@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use interceptor::identity::{Identity, KernelFacts, ProcessDetails};
+use interceptor::identity::{Identity, ProcessDetails};
 use interceptor::kubernetes::{PodIdentity, Workload, WorkloadSource};
 use interceptor::policy::Policy;
 use interceptor::quota::{Decision, Demand, QuotaEngine, QuotaMetrics};
@@ -58,17 +58,7 @@ fn decision_ns(rules: usize, pods: &[PodIdentity], rounds: usize) -> anyhow::Res
         policy.compiled_rules(),
         QuotaMetrics::detached()?,
     ));
-    let facts = KernelFacts {
-        original_dst: "203.0.113.10:443".parse()?,
-        tgid: 1,
-        pid: 1,
-        uid: 1000,
-        gid: 1000,
-        cgroup_id: 1,
-        netns_cookie: 1,
-        socket_cookie: 1,
-        comm: "python3".into(),
-    };
+    let facts = tests::sample_facts();
     let details = ProcessDetails {
         exe: Some(PathBuf::from("/usr/bin/python3")),
         ..ProcessDetails::default()
@@ -132,17 +122,7 @@ fn decision_p99(
             stop.clone(),
         ));
     }
-    let facts = KernelFacts {
-        original_dst: "203.0.113.10:443".parse()?,
-        tgid: 1,
-        pid: 1,
-        uid: 1000,
-        gid: 1000,
-        cgroup_id: 1,
-        netns_cookie: 1,
-        socket_cookie: 1,
-        comm: "python3".into(),
-    };
+    let facts = tests::sample_facts();
     let details = ProcessDetails::default();
     let demand = Demand {
         provider: "openai",
