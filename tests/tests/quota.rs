@@ -81,8 +81,9 @@ async fn sdks_raise_their_own_errors_and_recover_after_retry_after() {
             .as_str()
             .and_then(|r| r.parse().ok())
             .expect("Retry-After");
+        // One request refills in 10 s, less the time the six admitted ones took.
         assert!(
-            (9..=11).contains(&retry_after),
+            (7..=10).contains(&retry_after),
             "one request refills in 10 s: {rate}"
         );
         assert_eq!(facts["succeeded_after_wait"], true, "{rate}");
