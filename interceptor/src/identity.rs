@@ -137,7 +137,7 @@ impl Enricher {
             cmdline_hash: raw_cmdline
                 .as_deref()
                 .filter(|raw| !raw.is_empty())
-                .map(cmdline_hash),
+                .map(crate::digest::short_sha256),
             user: self.user_name(facts.uid),
             placement: cgroup.as_deref().map(container::parse).unwrap_or_default(),
             cgroup,
@@ -157,11 +157,6 @@ impl Enricher {
         }
         name
     }
-}
-
-fn cmdline_hash(raw: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, raw);
-    digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// NUL-separated arguments to one line, truncated at a character boundary.
@@ -227,13 +222,5 @@ mod tests {
         let long = "é".repeat(400);
         let formatted = format_cmdline(long.as_bytes()).expect("some");
         assert!(formatted.len() <= MAX_CMDLINE);
-    }
-
-    #[test]
-    fn cmdline_hash_is_stable_and_short() {
-        let hash = cmdline_hash(b"python3\0-m\0app\0");
-        assert_eq!(hash.len(), 16);
-        assert_eq!(hash, cmdline_hash(b"python3\0-m\0app\0"));
-        assert_ne!(hash, cmdline_hash(b"python3\0-m\0other\0"));
     }
 }

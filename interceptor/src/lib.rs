@@ -8,6 +8,7 @@ pub mod app;
 pub mod cgroup;
 pub mod config;
 pub mod container;
+pub mod digest;
 pub mod ebpf;
 pub mod identity;
 pub mod kubernetes;

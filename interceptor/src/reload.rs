@@ -75,8 +75,7 @@ impl ReloadMetrics {
 
 /// First 16 hex digits of the SHA-256 of a policy text.
 pub fn short_hash(text: &str) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-    digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    crate::digest::short_sha256(text.as_bytes())
 }
 
 /// Watches `path` until `stop`.
