@@ -69,7 +69,10 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         )
         .context("upstream TLS")?,
     );
-    let cgroup_root = cgroup::discover_cgroup2_mount()?;
+    let cgroup_root = match &config.cgroup_root {
+        Some(root) => root.clone(),
+        None => cgroup::discover_cgroup2_mount()?,
+    };
     let attach_cgroup: PathBuf = config.cgroup.clone().unwrap_or_else(|| cgroup_root.clone());
     cgroup::check_cgroup_dir(&attach_cgroup)?;
 
@@ -101,6 +104,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         policy.compiled_rules(),
         QuotaMetrics::register(&registry)?,
     ));
+    registry.register(Box::new(crate::quota::BudgetCollector::new(quota.clone())?))?;
     let bypass = Arc::new(ArcSwap::from_pointee(policy.bypass_matchers()));
     create_state_dir(&config.state_dir)?;
     let budgets_path = config.state_dir.join(crate::quota::store::FILE_NAME);
@@ -110,6 +114,14 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     readiness.set_ca_loaded(true);
 
     let failure_mode = policy.interception.failure_mode;
+    if failure_mode == FailureMode::Open {
+        // A fail-closed daemon before this one left its links pinned: this one replaces them, unpinned
+        // (switching a node to fail-open, and the first step of an uninstall).
+        let removed = crate::ebpf::unpin_all(&config.bpffs_dir)?;
+        if removed > 0 {
+            info!(removed, dir = %config.bpffs_dir.display(), "removed links pinned by a fail-closed daemon");
+        }
+    }
     let options = AttachOptions {
         cgroup: attach_cgroup.clone(),
         pin_dir: (failure_mode == FailureMode::Closed).then(|| config.bpffs_dir.clone()),
@@ -122,6 +134,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     };
     let (redirector, maps) = Redirector::attach(&options, &target)?;
     readiness.set_programs_attached(true);
+    metrics::register_daemon_state(&registry, ca.not_after, redirector.attached().len())?;
     let attribution = Arc::new(maps.attribution);
     registry.register(Box::new(EbpfCollector::new(maps.counters, attribution.clone())?))?;
 
@@ -209,7 +222,10 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     );
     let ctx = Arc::new(ProxyContext {
         attribution,
-        enricher: Arc::new(Enricher::new(CgroupNames::new(cgroup_root.clone()))),
+        enricher: Arc::new(Enricher::new(CgroupNames::new(
+            cgroup_root.clone(),
+            config.proc_root.clone(),
+        ))),
         metrics: proxy_metrics,
         upstream_connect_timeout: config.upstream_connect_timeout,
         hello_timeout: config.handshake_timeout,

@@ -88,6 +88,7 @@ pub fn check_cgroup_dir(path: &Path) -> Result<(), CgroupError> {
 /// Blocking (reads procfs and may walk the cgroup tree): call it from a blocking task.
 pub struct CgroupNames {
     root: PathBuf,
+    proc_root: PathBuf,
     cache: Mutex<HashMap<u64, String>>,
 }
 
@@ -95,9 +96,12 @@ pub struct CgroupNames {
 const MAX_CACHED_NAMES: usize = 16_384;
 
 impl CgroupNames {
-    pub fn new(root: PathBuf) -> Self {
+    /// `root`: the cgroup2 hierarchy; `proc_root`: the procfs of the pid namespace the kernel's pids
+    /// belong to (the host's).
+    pub fn new(root: PathBuf, proc_root: PathBuf) -> Self {
         Self {
             root,
+            proc_root,
             cache: Mutex::new(HashMap::new()),
         }
     }
@@ -118,10 +122,20 @@ impl CgroupNames {
     }
 
     fn name_from_proc(&self, id: u64, tgid: u32) -> Option<String> {
-        let text = std::fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok()?;
+        let text = std::fs::read_to_string(self.proc_dir(tgid).join("cgroup")).ok()?;
         let relative = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+        // Seen from a private cgroup namespace (a container), other cgroups are `/../..`-relative:
+        // only the walk of the mounted hierarchy can name them.
+        if relative.starts_with("/..") {
+            return None;
+        }
         let dir = self.root.join(relative.trim_start_matches('/'));
         (std::fs::metadata(&dir).ok()?.ino() == id).then(|| relative.to_owned())
+    }
+
+    /// `/proc/<tgid>` in the configured procfs.
+    pub fn proc_dir(&self, tgid: u32) -> PathBuf {
+        self.proc_root.join(tgid.to_string())
     }
 
     /// Breadth-first search of the cgroup tree for the directory whose inode is `id`.

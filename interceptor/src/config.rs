@@ -30,9 +30,19 @@ pub struct Config {
     #[arg(long, env = "INTERCEPTOR_METRICS_ADDR", default_value = "127.0.0.1:9464")]
     pub metrics_addr: AdminAddr,
 
-    /// Cgroup v2 directory the programs attach to. Default: the cgroup2 root found in /proc/self/mountinfo.
+    /// Cgroup v2 directory the programs attach to. Default: the cgroup2 root (`--cgroup-root`).
     #[arg(long, env = "INTERCEPTOR_CGROUP")]
     pub cgroup: Option<PathBuf>,
+
+    /// The host's cgroup2 hierarchy, used to name cgroup ids. Default: the first cgroup2 mount in
+    /// /proc/self/mountinfo. In a container, mount the host's /sys/fs/cgroup (hostPath) and point here.
+    #[arg(long, env = "INTERCEPTOR_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+
+    /// The host's procfs (the pids the kernel reports are the host's). In a container without hostPID,
+    /// mount the host's /proc (hostPath) and point here.
+    #[arg(long, env = "INTERCEPTOR_PROC_ROOT", default_value = "/proc")]
+    pub proc_root: PathBuf,
 
     /// bpffs directory where links are pinned in fail-closed mode.
     #[arg(

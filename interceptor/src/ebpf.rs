@@ -103,6 +103,23 @@ pub struct Maps {
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
+/// Loads every program into the kernel (its verifier checks them) and unloads them, attaching nothing:
+/// what `interceptor doctor` uses to prove this kernel and these privileges can run the daemon.
+pub fn verify_programs() -> Result<Vec<&'static str>, EbpfError> {
+    raise_memlock_limit();
+    let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(classify_load_error)?;
+    let mut verified = Vec::new();
+    for name in SOCK_ADDR_PROGRAMS {
+        let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
+        program.load().map_err(|e| program_error(name, e))?;
+        verified.push(name);
+    }
+    let program: &mut SockOps = program_mut(&mut ebpf, SOCK_OPS_PROGRAM)?;
+    program.load().map_err(|e| program_error(SOCK_OPS_PROGRAM, e))?;
+    verified.push(SOCK_OPS_PROGRAM);
+    Ok(verified)
+}
+
 impl Redirector {
     /// Loads the programs, configures them and attaches them to the cgroup.
     pub fn attach(options: &AttachOptions, target: &RedirectTarget) -> Result<(Self, Maps), EbpfError> {

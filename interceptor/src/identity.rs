@@ -128,7 +128,7 @@ impl Enricher {
 
     /// Reads the details from /proc and the cgroup tree (no cache).
     pub fn read(&self, facts: &KernelFacts) -> ProcessDetails {
-        let proc_dir = PathBuf::from(format!("/proc/{}", facts.tgid));
+        let proc_dir = self.cgroups.proc_dir(facts.tgid);
         let cgroup = self.cgroups.name(facts.cgroup_id, facts.tgid);
         let raw_cmdline = std::fs::read(proc_dir.join("cmdline")).ok();
         ProcessDetails {

@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod config;
 pub mod container;
 pub mod digest;
+pub mod doctor;
 pub mod ebpf;
 pub mod identity;
 pub mod kubernetes;

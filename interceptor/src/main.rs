@@ -42,6 +42,15 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Check that this node can run the daemon with these settings (the same flags as `run`): kernel,
+    /// cgroup v2, bpffs, procfs, capabilities, eBPF verifier, CA, policy, ports. Exit 1 when a check fails.
+    Doctor {
+        #[command(flatten)]
+        config: Box<Config>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: DoctorFormat,
+    },
     /// Remove links pinned in fail-closed mode (detaches the programs a stopped daemon left attached).
     Detach {
         /// bpffs directory of the pinned links.
@@ -52,6 +61,12 @@ enum Command {
         )]
         bpffs_dir: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DoctorFormat {
+    Table,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -140,6 +155,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             print!("{}", interceptor::tls::ca::trust_instructions(&files.cert));
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Doctor { config, format } => {
+            let report = interceptor::doctor::run(&config);
+            match format {
+                DoctorFormat::Table => print!("{}", report.table()),
+                DoctorFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            Ok(if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Detach { bpffs_dir } => {
             let removed = interceptor::ebpf::unpin_all(&bpffs_dir)?;

@@ -22,6 +22,27 @@ pub fn registry() -> prometheus::Result<Registry> {
     Ok(registry)
 }
 
+/// Facts about the running daemon that alerts watch: the CA's expiry and the attached programs.
+pub fn register_daemon_state(
+    registry: &Registry,
+    ca_not_after: i64,
+    programs_attached: usize,
+) -> prometheus::Result<()> {
+    let expiry = prometheus::IntGauge::new(
+        "interceptor_ca_expiry_timestamp_seconds",
+        "Earliest notAfter of the enterprise CA and its chain (Unix seconds)",
+    )?;
+    expiry.set(ca_not_after);
+    registry.register(Box::new(expiry))?;
+    let attached = prometheus::IntGauge::new(
+        "interceptor_ebpf_programs_attached",
+        "eBPF programs attached to the cgroup (0 when interception is down)",
+    )?;
+    attached.set(i64::try_from(programs_attached).unwrap_or(i64::MAX));
+    registry.register(Box::new(attached))?;
+    Ok(())
+}
+
 /// Reads the programs' per-CPU counters and the attribution map sizes at each scrape.
 pub struct EbpfCollector {
     counters: Counters,

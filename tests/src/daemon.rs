@@ -42,13 +42,32 @@ impl Daemon {
     /// Starts the daemon with `policy` (written to `dir`) and waits until it logs `interceptor ready`.
     /// With `node`, pods are redirected to the simulated node addresses (which must exist).
     pub fn start(dir: &Path, policy: &str, node: bool, extra_args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_wrapped(dir, policy, node, extra_args, &[])
+    }
+
+    /// [`Daemon::start`] with the daemon run by `wrapper` (a command and its arguments, for instance
+    /// `setpriv` restricting its capabilities), which must exec it.
+    pub fn start_wrapped(
+        dir: &Path,
+        policy: &str,
+        node: bool,
+        extra_args: &[&str],
+        wrapper: &[String],
+    ) -> anyhow::Result<Self> {
         let policy_path = dir.join("policy.yaml");
         std::fs::write(&policy_path, policy)?;
         let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/{PREFIX}-{}", std::process::id()));
         // `INTERCEPTOR_TEST_LOG` overrides the filter (benchmarks keep only the ready line).
         let log_level =
             std::env::var("INTERCEPTOR_TEST_LOG").unwrap_or_else(|_| "info,interceptor=debug".into());
-        let mut command = Command::new(binary());
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary());
+                command
+            }
+            None => Command::new(binary()),
+        };
         command
             .args(["--log-format", "json", "--log-level", log_level.as_str(), "run"])
             .arg("--policy")

@@ -12,6 +12,7 @@
 pub mod cmd;
 pub mod daemon;
 pub mod kubeapi;
+pub mod manifests;
 pub mod node;
 pub mod pki;
 pub mod provider;

@@ -72,12 +72,19 @@ pub struct Scenario {
     pub host_cgroup: PathBuf,
     policy: String,
     daemon_args: Vec<String>,
+    /// What runs the daemon (empty: nothing), kept for restarts.
+    wrapper: Vec<String>,
     pub node: Node,
 }
 
 impl Scenario {
     /// Builds the node, starts the provider and the daemon with `policy`.
     pub fn start(policy: &str, extra_args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_wrapped(policy, extra_args, &[])
+    }
+
+    /// [`Scenario::start`] with the daemon run by `wrapper` (see [`Daemon::start_wrapped`]).
+    pub fn start_wrapped(policy: &str, extra_args: &[&str], wrapper: &[String]) -> anyhow::Result<Self> {
         let mut node = Node::new()?;
         let pod = node.add_pod("pod-a", &hosts())?;
         let provider_netns = node.add_provider("provider")?;
@@ -120,7 +127,7 @@ impl Scenario {
         args.extend(extra_args.iter().map(|a| (*a).to_owned()));
         let daemon_args = args;
         let args: Vec<&str> = daemon_args.iter().map(String::as_str).collect();
-        let daemon = Daemon::start(&node.dir, policy, true, &args)?;
+        let daemon = Daemon::start_wrapped(&node.dir, policy, true, &args, wrapper)?;
         Ok(Self {
             daemon,
             provider,
@@ -131,6 +138,7 @@ impl Scenario {
             host_cgroup,
             policy: policy.to_owned(),
             daemon_args,
+            wrapper: wrapper.to_vec(),
             node,
         })
     }
@@ -140,7 +148,17 @@ impl Scenario {
     pub fn restart_daemon(&mut self) -> anyhow::Result<()> {
         self.daemon.stop()?;
         let args: Vec<&str> = self.daemon_args.iter().map(String::as_str).collect();
-        self.daemon = Daemon::start(&self.node.dir, &self.policy, true, &args)?;
+        self.daemon = Daemon::start_wrapped(&self.node.dir, &self.policy, true, &args, &self.wrapper)?;
+        Ok(())
+    }
+
+    /// Starts a daemon with `policy` (same arguments and state) in place of the current one, which must be
+    /// stopped already: the pins a killed fail-closed daemon left are still there when the new one starts.
+    pub fn replace_daemon(&mut self, policy: &str) -> anyhow::Result<()> {
+        let args: Vec<&str> = self.daemon_args.iter().map(String::as_str).collect();
+        let new = Daemon::start_wrapped(&self.node.dir, policy, true, &args, &self.wrapper)?;
+        drop(std::mem::replace(&mut self.daemon, new));
+        self.policy = policy.to_owned();
         Ok(())
     }
 

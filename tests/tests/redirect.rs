@@ -382,6 +382,54 @@ async fn fail_closed_after_kill9_refuses_connections() {
     assert_eq!(peer_ip(&after.json().expect("answer")), s.pod.v4.to_string());
 }
 
+/// Switching a node from fail-closed to fail-open (and the first step of uninstalling a fail-closed
+/// deployment): the fail-open daemon removes the pins the fail-closed one left, and after it stops
+/// nothing stays attached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fail_open_daemon_removes_the_pins_of_a_fail_closed_one() {
+    let Some(mut s) = scenario(
+        "a_fail_open_daemon_removes_the_pins_of_a_fail_closed_one",
+        "closed",
+    ) else {
+        return;
+    };
+    let pins = s.daemon.bpffs_dir.clone();
+    assert!(
+        pins.join("redirect_connect4").exists(),
+        "fail-closed pins its links"
+    );
+    s.daemon.kill9().expect("kill -9");
+    let refused = s.pod_curl(RELAYED, &["--max-time", "3"]).expect("curl");
+    assert_eq!(refused.output.status.code(), Some(7), "{}", refused.describe());
+
+    s.replace_daemon(&policy("open"))
+        .expect("fail-open daemon starts");
+    assert!(!pins.exists(), "the fail-open daemon removed {}", pins.display());
+    assert!(
+        s.daemon
+            .logs()
+            .iter()
+            .any(|l| l["message"] == "removed links pinned by a fail-closed daemon" && l["removed"] == 5),
+        "one line says what was removed"
+    );
+    let through = s.pod_curl(RELAYED, &[]).expect("curl");
+    assert!(through.success(), "{}", through.describe());
+    assert_ne!(
+        peer_ip(&through.json().expect("answer")),
+        s.pod.v4.to_string(),
+        "redirected through the proxy"
+    );
+
+    s.daemon.stop().expect("graceful stop");
+    let direct = s.pod_curl(RELAYED, &[]).expect("curl");
+    assert!(direct.success(), "{}", direct.describe());
+    assert_eq!(
+        peer_ip(&direct.json().expect("answer")),
+        s.pod.v4.to_string(),
+        "nothing stays attached after a fail-open daemon stops"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_map_entry_is_left_after_10000_short_connections() {
     let Some(s) = scenario("no_map_entry_is_left_after_10000_short_connections", "open") else {

@@ -143,7 +143,10 @@ fn test(root: &std::path::Path) -> anyhow::Result<()> {
     sh::cargo(&["fmt", "--all", "--", "--check"]).context("formatting (run `cargo fmt --all`)")?;
     sh::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     build(false)?;
+    // The image's build step (Dockerfile): the deploy tests check its artifact.
+    build(true)?;
     let binary = root.join("target/debug/interceptor");
+    let release_binary = root.join("target/release/interceptor");
     let mut totals = sh::TestTotals::default();
     // Unit and in-process tests.
     let unit = sh::cargo_test(
@@ -162,7 +165,13 @@ fn test(root: &std::path::Path) -> anyhow::Result<()> {
     // Integration and privileged end-to-end tests share kernel state: one at a time.
     let e2e = sh::cargo_test(
         &["test", "--package", "tests", "--", "--test-threads=1"],
-        &[("INTERCEPTOR_BIN", binary.to_string_lossy().as_ref())],
+        &[
+            ("INTERCEPTOR_BIN", binary.to_string_lossy().as_ref()),
+            (
+                "INTERCEPTOR_RELEASE_BIN",
+                release_binary.to_string_lossy().as_ref(),
+            ),
+        ],
         &mut totals,
     );
     // Every network-facing parser runs under the fuzzer for a minute.

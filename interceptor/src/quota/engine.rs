@@ -243,6 +243,27 @@ pub struct BudgetRecord {
     pub used: f64,
 }
 
+/// A budget's use against its limit, now.
+#[derive(Clone, Debug)]
+pub struct BudgetUsage {
+    pub rule: Arc<str>,
+    pub scope: Option<Arc<str>>,
+    pub budget: BudgetKind,
+    pub used: f64,
+    pub limit: f64,
+}
+
+impl BudgetKind {
+    /// The label value (as in the durable store).
+    pub fn name(self) -> &'static str {
+        match self {
+            BudgetKind::TokensDay => "tokens_day",
+            BudgetKind::CostDay => "cost_day",
+            BudgetKind::CostMonth => "cost_month",
+        }
+    }
+}
+
 impl QuotaEngine {
     pub fn new(rules: Vec<Rule>, metrics: QuotaMetrics) -> Self {
         Self {
@@ -326,6 +347,31 @@ impl QuotaEngine {
     /// How many settlements so far (the durable store compares it with what it wrote).
     pub fn generation(&self) -> u64 {
         self.changes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Each budget's use against its limit in the current window (for the usage gauge).
+    pub fn budget_usage(&self) -> Vec<BudgetUsage> {
+        let unix = unix_now();
+        let state = self.state();
+        let mut usage = Vec::new();
+        for (key, entry) in state.iter() {
+            for (kind, budget) in [
+                (BudgetKind::TokensDay, entry.tokens_day.as_ref()),
+                (BudgetKind::CostDay, entry.cost_day.as_ref()),
+                (BudgetKind::CostMonth, entry.cost_month.as_ref()),
+            ] {
+                if let Some(budget) = budget.filter(|b| b.limit() > 0.0) {
+                    usage.push(BudgetUsage {
+                        rule: key.rule.clone(),
+                        scope: key.scope.clone(),
+                        budget: kind,
+                        used: budget.used_at(unix),
+                        limit: budget.limit(),
+                    });
+                }
+            }
+        }
+        usage
     }
 
     /// The budgets' use, for the durable store.

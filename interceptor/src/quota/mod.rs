@@ -8,9 +8,15 @@ pub mod spec;
 pub mod store;
 pub mod window;
 
-use prometheus::{IntCounterVec, Opts, Registry};
+use std::sync::Arc;
 
-pub use engine::{BudgetKind, BudgetRecord, Decision, Demand, Limited, Permit, QuotaEngine, Rejection};
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
+
+pub use engine::{
+    BudgetKind, BudgetRecord, BudgetUsage, Decision, Demand, Limited, Permit, QuotaEngine, Rejection,
+};
 pub use spec::{Mode, Rule, RuleSpec};
 
 /// Decision metrics.
@@ -47,5 +53,46 @@ impl QuotaMetrics {
     /// The counter of a rule's allowed requests (resolved once per rule, not per request).
     fn allowed_counter(&self, rule: &str) -> prometheus::IntCounter {
         self.decisions.with_label_values(&[rule, "allowed", "none"])
+    }
+}
+
+/// `interceptor_quota_budget_usage_ratio`: each budget's use over its limit, read at scrape time (the
+/// "budget at 80%" alert watches it).
+pub struct BudgetCollector {
+    engine: Arc<QuotaEngine>,
+    ratio: GaugeVec,
+}
+
+impl BudgetCollector {
+    pub fn new(engine: Arc<QuotaEngine>) -> prometheus::Result<Self> {
+        let ratio = GaugeVec::new(
+            Opts::new(
+                "interceptor_quota_budget_usage_ratio",
+                "Use of a rule's budget in its current window over the limit (1 = exhausted); scope = the \
+                 namespace, workload or pod of a per-scope rule, empty for a shared budget",
+            ),
+            &["rule", "scope", "budget"],
+        )?;
+        Ok(Self { engine, ratio })
+    }
+}
+
+impl Collector for BudgetCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.ratio.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.ratio.reset();
+        for usage in self.engine.budget_usage() {
+            self.ratio
+                .with_label_values(&[
+                    usage.rule.as_ref(),
+                    usage.scope.as_deref().unwrap_or(""),
+                    usage.budget.name(),
+                ])
+                .set(usage.used / usage.limit);
+        }
+        self.ratio.collect()
     }
 }

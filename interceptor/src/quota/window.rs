@@ -253,6 +253,15 @@ impl Budget {
     pub fn window(&self) -> u64 {
         self.window
     }
+
+    /// Use in the window holding `unix_seconds` (0 when the budget's window has ended).
+    pub fn used_at(&self, unix_seconds: u64) -> f64 {
+        if self.calendar.window(unix_seconds).0 > self.window {
+            0.0
+        } else {
+            self.used
+        }
+    }
 }
 
 #[cfg(test)]

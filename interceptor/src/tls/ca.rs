@@ -42,6 +42,8 @@ pub struct EnterpriseCa {
     pub chain: Vec<CertificateDer<'static>>,
     /// Subject of the issuing CA, for logs.
     pub subject: String,
+    /// Earliest `notAfter` of the issuing CA and its chain (Unix seconds): leaves stop being trusted then.
+    pub not_after: i64,
 }
 
 impl std::fmt::Debug for EnterpriseCa {
@@ -74,12 +76,21 @@ impl EnterpriseCa {
         let key =
             KeyPair::from_pem(&key_pem).map_err(|e| CaError::BadKey(key_path.to_owned(), e.to_string()))?;
         let subject = subject_of(issuing).unwrap_or_else(|| "<unknown>".into());
+        let not_after = chain
+            .iter()
+            .map(|cert| {
+                x509_parser::parse_x509_certificate(cert)
+                    .map(|(_, parsed)| parsed.validity().not_after.timestamp())
+                    .map_err(|e| CaError::BadCertificate(cert_path.to_owned(), e.to_string()))
+            })
+            .try_fold(i64::MAX, |earliest, expiry| expiry.map(|e| earliest.min(e)))?;
         let issuer = Issuer::from_ca_cert_der(issuing, key)
             .map_err(|e| CaError::BadCertificate(cert_path.to_owned(), e.to_string()))?;
         Ok(Self {
             issuer,
             chain,
             subject,
+            not_after,
         })
     }
 
@@ -100,12 +111,17 @@ pub struct CaFiles {
     pub key: PathBuf,
 }
 
-/// Creates a development CA (`ca.crt`, `ca.key` with mode 0600) in `dir`, or reuses one already there.
-pub fn init(dir: &Path, common_name: &str) -> Result<(CaFiles, bool), CaError> {
-    let files = CaFiles {
+/// Where [`init`] keeps the CA in `dir`.
+pub fn files_in(dir: &Path) -> CaFiles {
+    CaFiles {
         cert: dir.join("ca.crt"),
         key: dir.join("ca.key"),
-    };
+    }
+}
+
+/// Creates a development CA (`ca.crt`, `ca.key` with mode 0600) in `dir`, or reuses one already there.
+pub fn init(dir: &Path, common_name: &str) -> Result<(CaFiles, bool), CaError> {
+    let files = files_in(dir);
     if files.cert.exists() && files.key.exists() {
         return Ok((files, false));
     }

@@ -88,7 +88,7 @@ fn main() -> anyhow::Result<()> {
         socket_cookie: 1,
         comm: "bench".into(),
     };
-    let enricher = Enricher::new(CgroupNames::new(root));
+    let enricher = Enricher::new(CgroupNames::new(root, "/proc".into()));
     let pod_uid = format!("{:08x}-0000-4000-8000-{:012}", PODS / 2, PODS / 2);
     anyhow::ensure!(
         directory.get(&pod_uid).is_some(),
