@@ -25,6 +25,8 @@ pub struct AccountingSettings {
     pub request_budget: Arc<Semaphore>,
     pub limits: Limits,
     pub metrics: AccountingMetrics,
+    /// Where each request's audit line goes (none when the audit log is off).
+    pub audit: Option<crate::audit::AuditLog>,
 }
 
 impl AccountingSettings {
@@ -43,6 +45,7 @@ impl AccountingSettings {
             request_budget: Arc::new(Semaphore::new(budget_kib)),
             limits: Limits::default(),
             metrics,
+            audit: None,
         })
     }
 

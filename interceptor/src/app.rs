@@ -45,6 +45,7 @@ pub struct App {
     stop_background: CancellationToken,
     connections: TaskTracker,
     background: TaskTracker,
+    audit: Option<crate::audit::AuditWriter>,
 }
 
 /// Validates everything, binds, loads and attaches; returns once the daemon serves.
@@ -194,6 +195,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         pod_wait: config.pod_wait,
     };
     let pods = kubernetes::start(&kubernetes, &registry, &background, stop_background.clone()).await?;
+    let audit_metrics = crate::audit::AuditMetrics::register(&registry)?;
 
     if let Some(listener) = admin_listener {
         background.spawn(admin::serve(
@@ -213,7 +215,23 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
             name: Arc::from(t.name),
         })
         .collect();
-    let accounting = Arc::new(AccountingSettings::from_policy(&policy, accounting_metrics)?);
+    let mut accounting = AccountingSettings::from_policy(&policy, accounting_metrics)?;
+    let audit_settings = crate::audit::AuditSettings {
+        destination: config.audit_log.clone(),
+        max_bytes: config.audit_max_bytes,
+        keep: config.audit_keep,
+        queue: config.audit_queue,
+    };
+    let audit_writer = match crate::audit::start(&audit_settings, audit_metrics)
+        .with_context(|| format!("opening the audit log {:?}", audit_settings.destination))?
+    {
+        Some((log, writer)) => {
+            accounting.audit = Some(log);
+            Some(writer)
+        }
+        None => None,
+    };
+    let accounting = Arc::new(accounting);
     info!(
         prices_source_date = accounting.prices.source_date(),
         priced_models = accounting.prices.model_count(),
@@ -281,6 +299,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         stop_background,
         connections,
         background,
+        audit: audit_writer,
     })
 }
 
@@ -341,6 +360,10 @@ impl App {
             );
             self.abort_connections.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(1), self.connections.wait()).await;
+        }
+        if let Some(audit) = &self.audit {
+            // Records of the drained connections (a pod wait or an estimate may still be running).
+            audit.drain(Duration::from_secs(2)).await;
         }
         self.stop_background.cancel();
         self.background.close();

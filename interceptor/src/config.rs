@@ -44,6 +44,22 @@ pub struct Config {
     #[arg(long, env = "INTERCEPTOR_PROC_ROOT", default_value = "/proc")]
     pub proc_root: PathBuf,
 
+    /// Audit log: one JSON line per request. `-` (stdout), a file path (rotated by size), or `off`.
+    #[arg(long, env = "INTERCEPTOR_AUDIT_LOG", default_value = "-")]
+    pub audit_log: crate::audit::AuditDestination,
+
+    /// An audit file is rotated before it grows past this many bytes.
+    #[arg(long, default_value_t = 100 * 1024 * 1024)]
+    pub audit_max_bytes: u64,
+
+    /// Rotated audit files kept (`FILE.1` is the newest).
+    #[arg(long, default_value_t = 5)]
+    pub audit_keep: usize,
+
+    /// Audit lines waiting for the writer; beyond it lines are dropped (and counted), never waited for.
+    #[arg(long, default_value_t = 8192)]
+    pub audit_queue: usize,
+
     /// bpffs directory where links are pinned in fail-closed mode.
     #[arg(
         long,

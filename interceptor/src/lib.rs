@@ -5,6 +5,7 @@
 pub mod accounting;
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod cgroup;
 pub mod config;
 pub mod container;

@@ -137,7 +137,9 @@ fn check_monitoring(rendered: &Rendered, dir: &Path) {
     );
 
     let rule = rendered.one("PrometheusRule").expect("PrometheusRule");
-    let rules_path = dir.join(format!("{}-rules.yaml", rendered.name.replace('/', "-")));
+    let rules_dir = dir.join(rendered.name.replace('/', "-"));
+    std::fs::create_dir_all(&rules_dir).expect("rules dir");
+    let rules_path = rules_dir.join("rules.yaml");
     let groups = serde_json::json!({ "groups": rule["spec"]["groups"] });
     std::fs::write(&rules_path, serde_norway::to_string(&groups).expect("rules YAML")).expect("write");
     let output = std::process::Command::new("promtool")
@@ -146,6 +148,19 @@ fn check_monitoring(rendered: &Rendered, dir: &Path) {
         .output()
         .expect("running promtool");
     assert!(output.status.success(), "promtool check rules: {output:?}");
+    // The alerts fire when they should, and only then (promtool's rule unit tests).
+    let unit_tests = rules_dir.join("prometheusrule.test.yaml");
+    std::fs::copy(
+        repo_root().join("deploy/kubernetes/components/monitoring/prometheusrule.test.yaml"),
+        &unit_tests,
+    )
+    .expect("copy rule tests");
+    let output = std::process::Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(&unit_tests)
+        .output()
+        .expect("running promtool");
+    assert!(output.status.success(), "promtool test rules: {output:?}");
     let alerts: BTreeSet<&str> = rule["spec"]["groups"][0]["rules"]
         .as_array()
         .expect("rules")

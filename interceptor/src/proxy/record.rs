@@ -11,6 +11,7 @@ use tracing::info;
 
 use super::exchange::{ConnInfo, QuotaVerdict, RequestSide, ResponseMeta, header_text};
 use crate::accounting::{AccountingSettings, Priced};
+use crate::audit::{AuditEntry, AuditTokens};
 use crate::kubernetes::{PodIdentity, PodStatus};
 
 /// Everything known about one exchange when its last body is gone.
@@ -231,5 +232,41 @@ impl Record {
             cgroup_id = facts.cgroup_id,
             "request"
         );
+        if let Some(audit) = &settings.audit {
+            let entry = AuditEntry {
+                time: std::time::SystemTime::now(),
+                id: uuid::Uuid::now_v7(),
+                conn: self.conn.clone(),
+                pod: self.pod.clone(),
+                pod_status: self.pod_status,
+                endpoint: self.route.kind.name(),
+                method: self.method.clone(),
+                path: self.path.clone(),
+                model: model.map(str::to_owned),
+                requested_model: request.and_then(|r| r.model.clone()),
+                stream: outcome.map_or_else(|| request.is_some_and(|r| r.stream), |o| o.stream),
+                status,
+                usage: outcome.map_or("none", |o| o.status.name()),
+                tokens: usage.map(|u| AuditTokens {
+                    input: u.input_tokens,
+                    cached_input: u.cached_input_tokens,
+                    cache_write: u.cache_write_tokens,
+                    output: u.output_tokens,
+                    reasoning: u.reasoning_tokens,
+                }),
+                estimated: outcome.is_some_and(|o| o.status == UsageStatus::Estimated),
+                cost_usd,
+                latency_ms: self.latency.as_secs_f64() * 1000.0,
+                ttfb_ms: self.ttfb.map(|d| d.as_secs_f64() * 1000.0),
+                ttft_ms: self.ttft.map(|d| d.as_secs_f64() * 1000.0),
+                decision: quota.map(|q| q.decision),
+                rule: quota.and_then(|q| q.rule.clone()),
+                limit: quota.and_then(|q| q.limit),
+                provider_request_id: response.and_then(|r| r.request_id.clone()),
+                response_id: outcome.and_then(|o| o.observation.response_id.clone()),
+                error: self.error.clone(),
+            };
+            audit.record(entry);
+        }
     }
 }
