@@ -1,8 +1,10 @@
 //! Token and cost accounting in the daemon: the settings and price table the proxy uses, the
 //! metrics, and pricing of a finished exchange.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use interceptor_protocols::{
     Accounting, Adapter, EndpointKind, Limits, PriceTable, PricedModel, Usage, UsageStatus,
@@ -10,6 +12,8 @@ use interceptor_protocols::{
 use prometheus::{CounterVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 use tokio::sync::Semaphore;
 
+use crate::genai_metrics::{GenAiMetrics, Operation, operation_name, provider_name as genai_provider_name};
+use crate::metric_labels::{IdentityLabels, IdentityValues, MAX_LABELS, SeriesCap};
 use crate::policy::{Policy, StreamUsage};
 
 /// Accounting settings shared by every connection.
@@ -132,6 +136,12 @@ impl Priced {
 /// Accounting metrics.
 #[derive(Clone)]
 pub struct AccountingMetrics {
+    /// Identity labels in use and their per-family caps.
+    pub labels: Arc<IdentityLabels>,
+    pub genai: GenAiMetrics,
+    requests_cap: SeriesCap,
+    tokens_cap: SeriesCap,
+    cost_cap: SeriesCap,
     pub requests: IntCounterVec,
     pub usage: IntCounterVec,
     pub tokens: IntCounterVec,
@@ -144,13 +154,14 @@ pub struct AccountingMetrics {
 }
 
 impl AccountingMetrics {
-    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+    pub fn register(registry: &Registry, labels: Arc<IdentityLabels>) -> prometheus::Result<Self> {
         let requests = IntCounterVec::new(
             Opts::new(
                 "interceptor_provider_requests_total",
-                "Requests to AI providers, by provider, endpoint kind and whether they streamed",
+                "Requests to AI providers, by provider, endpoint kind, model (priced family, else as \
+                 requested), whether they streamed, HTTP status class and identity",
             ),
-            &["provider", "kind", "stream"],
+            &labels.names(&["provider", "kind", "model", "stream", "status_class"]),
         )?;
         let usage = IntCounterVec::new(
             Opts::new(
@@ -163,17 +174,17 @@ impl AccountingMetrics {
         let tokens = IntCounterVec::new(
             Opts::new(
                 "interceptor_tokens_total",
-                "Tokens by provider, priced model family (or `unpriced`) and type (input counts cache \
-                 reads and writes; output counts reasoning)",
+                "Tokens by provider, priced model family (or `unpriced`), type (input counts cache \
+                 reads and writes; output counts reasoning), whether estimated with a tokenizer, and identity",
             ),
-            &["provider", "model", "type"],
+            &labels.names(&["provider", "model", "type", "estimated"]),
         )?;
         let cost = CounterVec::new(
             Opts::new(
                 "interceptor_cost_usd_total",
-                "Cost in US dollars from the price table, by provider and priced model family",
+                "Cost in US dollars from the price table, by provider, priced model family and identity",
             ),
-            &["provider", "model"],
+            &labels.names(&["provider", "model"]),
         )?;
         let unpriced = IntCounterVec::new(
             Opts::new(
@@ -223,6 +234,11 @@ impl AccountingMetrics {
             registry.register(collector)?;
         }
         Ok(Self {
+            genai: GenAiMetrics::register(registry, &labels)?,
+            requests_cap: labels.cap("interceptor_provider_requests_total"),
+            tokens_cap: labels.cap("interceptor_tokens_total"),
+            cost_cap: labels.cap("interceptor_cost_usd_total"),
+            labels,
             requests,
             usage,
             tokens,
@@ -236,43 +252,77 @@ impl AccountingMetrics {
     }
 
     /// Records a finished exchange.
-    pub fn record(
-        &self,
-        provider: &str,
-        kind: EndpointKind,
-        status: u16,
-        accounting: Option<&Accounting>,
-        priced: &Priced,
-    ) {
+    pub fn record(&self, exchange: &Measured<'_>) {
+        let provider = exchange.provider;
+        let accounting = exchange.accounting;
+        let labels = &*self.labels;
+        let identity = &exchange.identity;
+        let mut buffer = [""; MAX_LABELS];
         let stream = accounting.is_some_and(|a| a.stream);
-        self.requests
-            .with_label_values(&[provider, kind.name(), if stream { "true" } else { "false" }])
-            .inc();
+        let requested = label_value(exchange.requested_model.unwrap_or(""));
+        let response_model = label_value(exchange.response_model.unwrap_or(""));
+        let family = match exchange.priced {
+            Priced::Priced { priced_as, .. } => priced_as.as_str(),
+            _ => "unpriced",
+        };
+        let request_model = if family == "unpriced" { &*requested } else { family };
+        let fixed = [
+            provider,
+            exchange.kind.name(),
+            request_model,
+            if stream { "true" } else { "false" },
+            status_class(exchange.status),
+        ];
+        let n = labels.values(&mut buffer, &fixed, identity);
+        self.requests_cap.admit(&mut buffer[..n], labels.count());
+        self.requests.with_label_values(&buffer[..n]).inc();
         let result = accounting.map_or(UsageStatus::NotReported, |a| a.status);
         self.usage.with_label_values(&[provider, result.name()]).inc();
         let error_type = accounting
             .and_then(|a| a.observation.error.as_ref())
             .map(|e| label_value(&e.kind));
-        if status >= 400 || error_type.is_some() {
-            let status = status.to_string();
+        if exchange.status >= 400 || error_type.is_some() {
+            let status = exchange.status.to_string();
             self.provider_errors
                 .with_label_values(&[provider, &status, error_type.as_deref().unwrap_or("")])
                 .inc();
         }
-        let Some(usage) = accounting.and_then(|a| a.usage) else {
+        let usage = accounting.and_then(|a| a.usage);
+        let genai_error = match (&error_type, exchange.status) {
+            (Some(kind), _) => &**kind,
+            (None, status) if status >= 400 => status_class(status),
+            _ => "",
+        };
+        self.genai.record(
+            labels,
+            identity,
+            &Operation {
+                operation: operation_name(exchange.adapter, exchange.kind),
+                provider: genai_provider_name(provider),
+                request_model: &requested,
+                response_model: &response_model,
+                server_address: exchange.host,
+                error_type: genai_error,
+                duration_seconds: exchange.duration.as_secs_f64(),
+                first_chunk_seconds: exchange.first_chunk.map(|d| d.as_secs_f64()),
+                tokens: usage.map(|u| (u.input_tokens, u.output_tokens)),
+            },
+        );
+        let Some(usage) = usage else {
             return;
         };
-        let model = match priced {
+        match exchange.priced {
             Priced::Priced { priced_as, cost } => {
-                self.cost
-                    .with_label_values(&[provider, priced_as])
-                    .inc_by(cost.usd());
-                priced_as.as_str()
+                let n = labels.values(&mut buffer, &[provider, priced_as], identity);
+                self.cost_cap.admit(&mut buffer[..n], labels.count());
+                self.cost.with_label_values(&buffer[..n]).inc_by(cost.usd());
             }
-            _ => {
-                self.unpriced.with_label_values(&[provider]).inc();
-                "unpriced"
-            }
+            _ => self.unpriced.with_label_values(&[provider]).inc(),
+        }
+        let estimated = if accounting.is_some_and(|a| a.status == UsageStatus::Estimated) {
+            "true"
+        } else {
+            "false"
         };
         for (kind, count) in [
             ("input", usage.input_tokens),
@@ -282,27 +332,56 @@ impl AccountingMetrics {
             ("reasoning", usage.reasoning_tokens),
         ] {
             if count > 0 {
-                self.tokens
-                    .with_label_values(&[provider, model, kind])
-                    .inc_by(count);
+                let n = labels.values(&mut buffer, &[provider, family, kind, estimated], identity);
+                self.tokens_cap.admit(&mut buffer[..n], labels.count());
+                self.tokens.with_label_values(&buffer[..n]).inc_by(count);
             }
         }
     }
 }
 
+/// What the usage metrics take from one finished exchange.
+pub struct Measured<'a> {
+    pub provider: &'a str,
+    pub adapter: Adapter,
+    pub kind: EndpointKind,
+    pub status: u16,
+    pub host: &'a str,
+    pub requested_model: Option<&'a str>,
+    /// The model the provider reports it ran.
+    pub response_model: Option<&'a str>,
+    pub accounting: Option<&'a Accounting>,
+    pub priced: &'a Priced,
+    pub identity: IdentityValues<'a>,
+    pub duration: Duration,
+    pub first_chunk: Option<Duration>,
+}
+
+/// `2xx`, `4xx`, ... of an HTTP status.
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    }
+}
+
 /// A label value from provider-controlled text: at most 64 characters of `[A-Za-z0-9_.-]` (others
 /// become `_`), so a misbehaving upstream cannot blow up the metrics' cardinality or format.
-fn label_value(text: &str) -> String {
-    text.chars()
-        .take(64)
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+fn label_value(text: &str) -> Cow<'_, str> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/' | ':' | '@');
+    if text.len() <= 64 && text.chars().all(allowed) {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(
+        text.chars()
+            .take(64)
+            .map(|c| if allowed(c) { c } else { '_' })
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -319,8 +398,15 @@ mod tests {
     fn settings(policy: &str) -> AccountingSettings {
         let policy = Policy::parse(policy, "test.yaml").expect("policy");
         let registry = Registry::new();
-        AccountingSettings::from_policy(&policy, AccountingMetrics::register(&registry).expect("metrics"))
-            .expect("settings")
+        AccountingSettings::from_policy(
+            &policy,
+            AccountingMetrics::register(
+                &registry,
+                Arc::new(IdentityLabels::new(&[], 100, &registry).expect("labels")),
+            )
+            .expect("metrics"),
+        )
+        .expect("settings")
     }
 
     const HEADER: &str = "apiVersion: interceptor.dev/v1alpha1\nkind: InterceptorPolicy\n";

@@ -97,7 +97,12 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
 
     let registry = metrics::registry()?;
     let proxy_metrics = ProxyMetrics::register(&registry)?;
-    let accounting_metrics = AccountingMetrics::register(&registry)?;
+    let identity_labels = Arc::new(crate::metric_labels::IdentityLabels::new(
+        &config.metrics_identity_labels,
+        config.metrics_max_series,
+        &registry,
+    )?);
+    let accounting_metrics = AccountingMetrics::register(&registry, identity_labels)?;
     let target_metrics = TargetMetrics::register(&registry)?;
     let readiness = Arc::new(Readiness::default());
     let leaf_metrics = LeafMetrics::register(&registry)?;

@@ -44,6 +44,19 @@ pub struct Config {
     #[arg(long, env = "INTERCEPTOR_PROC_ROOT", default_value = "/proc")]
     pub proc_root: PathBuf,
 
+    /// Identity labels on the usage metrics (comma-separated): namespace, workload, pod, process.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_METRICS_IDENTITY_LABELS",
+        value_delimiter = ',',
+        default_value = "namespace,workload"
+    )]
+    pub metrics_identity_labels: Vec<crate::metric_labels::IdentityLabel>,
+
+    /// Label sets each usage metric admits; beyond it new identities are counted as `_overflow`.
+    #[arg(long, env = "INTERCEPTOR_METRICS_MAX_SERIES", default_value_t = 10_000)]
+    pub metrics_max_series: usize,
+
     /// Audit log: one JSON line per request. `-` (stdout), a file path (rotated by size), or `off`.
     #[arg(long, env = "INTERCEPTOR_AUDIT_LOG", default_value = "-")]
     pub audit_log: crate::audit::AuditDestination,

@@ -209,6 +209,34 @@ impl Daemon {
             .unwrap_or(0.0))
     }
 
+    /// The sum of every series of `name` whose labels include `labels` (other labels may vary).
+    pub fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+        let text = self.metrics()?;
+        let mut sum = 0.0;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(name) else {
+                continue;
+            };
+            let (series_labels, value) = match rest.strip_prefix('{') {
+                Some(rest) => match rest.split_once("} ") {
+                    Some(split) => split,
+                    None => continue,
+                },
+                None => match rest.strip_prefix(' ') {
+                    Some(value) => ("", value),
+                    None => continue,
+                },
+            };
+            if labels
+                .iter()
+                .all(|(key, wanted)| series_labels.contains(&format!("{key}=\"{wanted}\"")))
+            {
+                sum += value.trim().parse::<f64>().unwrap_or(0.0);
+            }
+        }
+        Ok(sum)
+    }
+
     /// SIGKILL, like a crash.
     pub fn kill9(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {

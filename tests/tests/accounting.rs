@@ -209,7 +209,17 @@ async fn official_sdks_are_accounted_token_for_token_and_priced_from_the_table()
         .map(|s| s.input)
         .sum();
     assert_eq!(
-        metric("interceptor_tokens_total{model=\"claude-sonnet-4-5\",provider=\"anthropic\",type=\"input\"}"),
+        s.daemon
+            .metric_sum(
+                "interceptor_tokens_total",
+                &[
+                    ("model", "claude-sonnet-4-5"),
+                    ("provider", "anthropic"),
+                    ("type", "input"),
+                    ("estimated", "false")
+                ]
+            )
+            .expect("scrape"),
         anthropic_input as f64
     );
 }
@@ -297,7 +307,17 @@ async fn provider_errors_unknown_paths_and_malformed_bodies_are_recorded() {
         1.0
     );
     assert_eq!(
-        metric("interceptor_provider_requests_total{kind=\"other\",provider=\"openai\",stream=\"false\"}"),
+        s.daemon
+            .metric_sum(
+                "interceptor_provider_requests_total",
+                &[
+                    ("kind", "other"),
+                    ("provider", "openai"),
+                    ("stream", "false"),
+                    ("status_class", "2xx")
+                ]
+            )
+            .expect("scrape"),
         1.0
     );
     assert_eq!(

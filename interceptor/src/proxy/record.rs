@@ -10,9 +10,10 @@ use interceptor_protocols::{Accounting, Route, UsageStatus};
 use tracing::info;
 
 use super::exchange::{ConnInfo, QuotaVerdict, RequestSide, ResponseMeta, header_text};
-use crate::accounting::{AccountingSettings, Priced};
+use crate::accounting::{AccountingSettings, Measured, Priced};
 use crate::audit::{AuditEntry, AuditTokens};
 use crate::kubernetes::{PodIdentity, PodStatus};
+use crate::metric_labels::IdentityValues;
 
 /// Everything known about one exchange when its last body is gone.
 pub struct Record {
@@ -153,9 +154,31 @@ impl Record {
             permit.settle(usage.as_ref(), cost_for_quota);
         }
         let quota = self.quota.as_ref();
-        settings
-            .metrics
-            .record(provider, self.route.kind, status, outcome, &priced);
+        let workload = pod.map(|p| p.workload.to_string());
+        settings.metrics.record(&Measured {
+            provider,
+            adapter: self.conn.adapter,
+            kind: self.route.kind,
+            status,
+            host: &self.conn.sni,
+            requested_model: request.and_then(|r| r.model.as_deref()),
+            response_model: outcome.and_then(|o| o.observation.model.as_deref()),
+            accounting: outcome,
+            priced: &priced,
+            identity: IdentityValues {
+                namespace: pod.map_or("", |p| &*p.namespace),
+                workload: workload.as_deref().unwrap_or(""),
+                pod: pod_name.unwrap_or(""),
+                process: details
+                    .exe
+                    .as_deref()
+                    .and_then(|e| e.file_name())
+                    .and_then(|n| n.to_str())
+                    .unwrap_or(facts.comm.as_str()),
+            },
+            duration: self.latency,
+            first_chunk: self.ttfb,
+        });
         if let Some(ttft) = self.ttft {
             settings
                 .metrics
@@ -220,7 +243,7 @@ impl Record {
             exe = details.exe.as_ref().map(|p| p.display().to_string()),
             namespace = pod.map(|p| &*p.namespace),
             pod = pod_name,
-            workload = pod.map(|p| p.workload.to_string()),
+            workload = workload.as_deref(),
             service_account = pod.and_then(|p| p.service_account.as_deref()),
             pod_status = self.pod_status.map(PodStatus::name),
             cgroup = details.cgroup.as_deref(),

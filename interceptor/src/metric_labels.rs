@@ -1,0 +1,238 @@
+//! Identity labels on the usage metrics, and the cap that keeps their cardinality bounded.
+//!
+//! Which identity labels exist is the operator's choice (`--metrics-identity-labels`; namespace and
+//! workload by default, pod and process opt-in). Each metric family admits at most
+//! `--metrics-max-series` label sets; a new set beyond the cap is counted under the identity value
+//! [`OVERFLOW`] instead, and `interceptor_metric_series_overflow_total` says it happened.
+
+use std::collections::HashSet;
+use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
+use std::sync::{Arc, Mutex};
+
+use prometheus::{IntCounterVec, Opts, Registry};
+
+/// The identity value that replaces the real one once a family reached its cap.
+pub const OVERFLOW: &str = "_overflow";
+
+/// Most labels a usage metric has (fixed labels plus every identity label).
+pub const MAX_LABELS: usize = 12;
+
+/// An identity label an operator can put on the usage metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum IdentityLabel {
+    /// `k8s_namespace_name`.
+    Namespace,
+    /// `k8s_workload_name` (`Deployment/chat`).
+    Workload,
+    /// `k8s_pod_name` (one series set per pod: opt-in).
+    Pod,
+    /// `process_executable_name` (the executable's file name).
+    Process,
+}
+
+impl IdentityLabel {
+    /// The Prometheus label name (OpenTelemetry resource attribute names, dots as underscores).
+    pub const fn label_name(self) -> &'static str {
+        match self {
+            IdentityLabel::Namespace => "k8s_namespace_name",
+            IdentityLabel::Workload => "k8s_workload_name",
+            IdentityLabel::Pod => "k8s_pod_name",
+            IdentityLabel::Process => "process_executable_name",
+        }
+    }
+}
+
+/// The identity of one request, as label values (empty when unknown).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IdentityValues<'a> {
+    pub namespace: &'a str,
+    pub workload: &'a str,
+    pub pod: &'a str,
+    pub process: &'a str,
+}
+
+impl<'a> IdentityValues<'a> {
+    fn get(&self, label: IdentityLabel) -> &'a str {
+        match label {
+            IdentityLabel::Namespace => self.namespace,
+            IdentityLabel::Workload => self.workload,
+            IdentityLabel::Pod => self.pod,
+            IdentityLabel::Process => self.process,
+        }
+    }
+}
+
+/// The identity labels in use and the per-family cap.
+pub struct IdentityLabels {
+    labels: Vec<IdentityLabel>,
+    max_series: usize,
+    overflows: IntCounterVec,
+}
+
+impl IdentityLabels {
+    pub fn new(labels: &[IdentityLabel], max_series: usize, registry: &Registry) -> prometheus::Result<Self> {
+        let mut unique = Vec::new();
+        for label in labels {
+            if !unique.contains(label) {
+                unique.push(*label);
+            }
+        }
+        let overflows = IntCounterVec::new(
+            Opts::new(
+                "interceptor_metric_series_overflow_total",
+                "Observations counted under the `_overflow` identity because their metric reached \
+                 --metrics-max-series label sets",
+            ),
+            &["metric"],
+        )?;
+        registry.register(Box::new(overflows.clone()))?;
+        Ok(Self {
+            labels: unique,
+            max_series: max_series.max(1),
+            overflows,
+        })
+    }
+
+    /// Label names after `fixed`.
+    pub fn names<'a>(&self, fixed: &[&'a str]) -> Vec<&'a str> {
+        let mut names = fixed.to_vec();
+        names.extend(self.labels.iter().map(|l| l.label_name()));
+        names
+    }
+
+    /// A cap for one metric family.
+    pub fn cap(&self, metric: &'static str) -> SeriesCap {
+        SeriesCap {
+            metric,
+            max: self.max_series,
+            seen: Arc::new(Mutex::new(HashSet::new())),
+            overflows: self.overflows.with_label_values(&[metric]),
+        }
+    }
+
+    /// Fills `buffer` with `fixed` then the identity values; returns how many values it holds.
+    pub fn values<'a>(
+        &self,
+        buffer: &mut [&'a str; MAX_LABELS],
+        fixed: &[&'a str],
+        identity: &IdentityValues<'a>,
+    ) -> usize {
+        let mut n = 0;
+        let identity_values = self.labels.iter().map(|label| identity.get(*label));
+        for value in fixed.iter().copied().chain(identity_values) {
+            if n < MAX_LABELS {
+                buffer[n] = value;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// How many identity labels follow the fixed ones.
+    pub fn count(&self) -> usize {
+        self.labels.len()
+    }
+}
+
+/// Admits at most `max` distinct label sets into one metric family (clones share the set).
+#[derive(Clone)]
+pub struct SeriesCap {
+    metric: &'static str,
+    max: usize,
+    seen: Arc<Mutex<HashSet<u64>>>,
+    overflows: prometheus::IntCounter,
+}
+
+impl SeriesCap {
+    /// Whether `values` may be used as is; when not, the caller replaces the last `identity_count`
+    /// values with [`OVERFLOW`] (see [`SeriesCap::admit`]).
+    fn admitted(&self, values: &[&str]) -> bool {
+        let mut hasher = rustc_hash::FxBuildHasher.build_hasher();
+        for value in values {
+            value.hash(&mut hasher);
+        }
+        let key = hasher.finish();
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(&key) {
+            return true;
+        }
+        if seen.len() < self.max {
+            seen.insert(key);
+            return true;
+        }
+        false
+    }
+
+    /// `values` (fixed labels, then `identity_count` identity labels) as they may be used: unchanged, or
+    /// with the identity replaced by [`OVERFLOW`] once the family is full.
+    pub fn admit(&self, values: &mut [&str], identity_count: usize) {
+        if identity_count == 0 || self.admitted(values) {
+            return;
+        }
+        let start = values.len().saturating_sub(identity_count);
+        for value in &mut values[start..] {
+            *value = OVERFLOW;
+        }
+        self.overflows.inc();
+    }
+
+    pub fn metric(&self) -> &'static str {
+        self.metric
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_family_admits_at_most_max_label_sets_then_overflows() {
+        let registry = Registry::new();
+        let labels = IdentityLabels::new(&[IdentityLabel::Namespace, IdentityLabel::Workload], 3, &registry)
+            .expect("labels");
+        assert_eq!(
+            labels.names(&["provider"]),
+            ["provider", "k8s_namespace_name", "k8s_workload_name"]
+        );
+        let cap = labels.cap("requests");
+        let mut used = Vec::new();
+        for namespace in ["a", "b", "c", "d", "e", "a"] {
+            let identity = IdentityValues {
+                namespace,
+                workload: "Deployment/x",
+                ..IdentityValues::default()
+            };
+            let mut buffer = [""; MAX_LABELS];
+            let n = labels.values(&mut buffer, &["openai"], &identity);
+            let values = &mut buffer[..n];
+            cap.admit(values, labels.count());
+            used.push(values.join(","));
+        }
+        assert_eq!(
+            used,
+            [
+                "openai,a,Deployment/x",
+                "openai,b,Deployment/x",
+                "openai,c,Deployment/x",
+                "openai,_overflow,_overflow",
+                "openai,_overflow,_overflow",
+                "openai,a,Deployment/x",
+            ]
+        );
+        assert_eq!(cap.overflows.get(), 2);
+        assert_eq!(cap.metric(), "requests");
+    }
+
+    #[test]
+    fn duplicate_and_absent_identity_labels() {
+        let registry = Registry::new();
+        let labels =
+            IdentityLabels::new(&[IdentityLabel::Pod, IdentityLabel::Pod], 10, &registry).expect("labels");
+        assert_eq!(labels.count(), 1);
+        let none = IdentityLabels::new(&[], 10, &Registry::new()).expect("labels");
+        let cap = none.cap("tokens");
+        let mut values = ["openai", "input"];
+        cap.admit(&mut values, none.count());
+        assert_eq!(values, ["openai", "input"]);
+    }
+}
