@@ -31,6 +31,8 @@ pub struct AccountingSettings {
     pub metrics: AccountingMetrics,
     /// Where each request's audit line goes (none when the audit log is off).
     pub audit: Option<crate::audit::AuditLog>,
+    /// Recent use and rejections for `interceptor status`.
+    pub board: Arc<crate::status::StatusBoard>,
 }
 
 impl AccountingSettings {
@@ -50,6 +52,7 @@ impl AccountingSettings {
             limits: Limits::default(),
             metrics,
             audit: None,
+            board: Arc::default(),
         })
     }
 

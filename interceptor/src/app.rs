@@ -157,6 +157,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         target_metrics,
     );
     discovery.install_static();
+    let published_targets = discovery.published();
     readiness.set_targets_installed(true);
     background.spawn(discovery.run(stop_background.clone()));
 
@@ -236,6 +237,8 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         }
         None => None,
     };
+    let board = accounting.board.clone();
+    let status_quota = quota.clone();
     let accounting = Arc::new(accounting);
     info!(
         prices_source_date = accounting.prices.source_date(),
@@ -292,6 +295,27 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         ca = %ca.subject,
         "interceptor ready"
     );
+    if config.admin_socket.as_os_str() != "off" {
+        let listener = crate::status::bind(&config.admin_socket)?;
+        let sources = Arc::new(crate::status::StatusSources {
+            started: std::time::Instant::now(),
+            failure_mode: match failure_mode {
+                FailureMode::Open => "open",
+                FailureMode::Closed => "closed",
+            },
+            programs: redirector.attached().iter().map(|p| (*p).to_owned()).collect(),
+            targets: published_targets,
+            quota: status_quota,
+            board,
+        });
+        background.spawn(crate::status::serve(
+            listener,
+            config.admin_socket.clone(),
+            sources,
+            stop_background.clone(),
+        ));
+    }
+
     Ok(App {
         proxy_port,
         proxy_addrs,

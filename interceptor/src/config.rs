@@ -57,6 +57,14 @@ pub struct Config {
     #[arg(long, env = "INTERCEPTOR_METRICS_MAX_SERIES", default_value_t = 10_000)]
     pub metrics_max_series: usize,
 
+    /// Unix socket of `interceptor status` / `top` (mode 0600, root only), or `off`.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_ADMIN_SOCKET",
+        default_value = "/run/interceptor/admin.sock"
+    )]
+    pub admin_socket: PathBuf,
+
     /// Audit log: one JSON line per request. `-` (stdout), a file path (rotated by size), or `off`.
     #[arg(long, env = "INTERCEPTOR_AUDIT_LOG", default_value = "-")]
     pub audit_log: crate::audit::AuditDestination,

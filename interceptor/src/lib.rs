@@ -25,6 +25,7 @@ pub mod quota;
 pub mod reload;
 pub mod selector;
 pub mod signal;
+pub mod status;
 pub mod sys;
 pub mod targets;
 pub mod tls;

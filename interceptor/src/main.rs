@@ -51,6 +51,33 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: DoctorFormat,
     },
+    /// Show the running daemon: programs, targets, top identities by cost and tokens over the last
+    /// minute, hour and day, rules, recent rejections (through its admin socket; root only).
+    Status {
+        #[arg(
+            long,
+            env = "INTERCEPTOR_ADMIN_SOCKET",
+            default_value = "/run/interceptor/admin.sock"
+        )]
+        socket: PathBuf,
+        #[arg(long, value_enum, default_value = "table")]
+        format: DoctorFormat,
+    },
+    /// `status`, refreshed like `top` until Ctrl-C.
+    Top {
+        #[arg(
+            long,
+            env = "INTERCEPTOR_ADMIN_SOCKET",
+            default_value = "/run/interceptor/admin.sock"
+        )]
+        socket: PathBuf,
+        /// Time between refreshes.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// Stop after this many refreshes (default: until Ctrl-C).
+        #[arg(long)]
+        iterations: Option<u64>,
+    },
     /// Remove links pinned in fail-closed mode (detaches the programs a stopped daemon left attached).
     Detach {
         /// bpffs directory of the pinned links.
@@ -167,6 +194,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Status { socket, format } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("building the tokio runtime")?;
+            let status = runtime.block_on(interceptor::status::fetch(&socket))?;
+            match format {
+                DoctorFormat::Table => print!("{}", interceptor::status::render(&status)),
+                DoctorFormat::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Top {
+            socket,
+            interval,
+            iterations,
+        } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("building the tokio runtime")?;
+            runtime.block_on(async move {
+                let mut done = 0u64;
+                loop {
+                    let status = interceptor::status::fetch(&socket).await?;
+                    // Clear the screen and go home, then draw.
+                    print!("\x1b[2J\x1b[H{}", interceptor::status::render(&status));
+                    use std::io::Write as _;
+                    let _ = std::io::stdout().flush();
+                    done += 1;
+                    if iterations.is_some_and(|n| done >= n) {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => return Ok(()),
+                        _ = tokio::time::sleep(interval) => {}
+                    }
+                }
+            })?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Detach { bpffs_dir } => {
             let removed = interceptor::ebpf::unpin_all(&bpffs_dir)?;

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
@@ -17,8 +18,11 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use arc_swap::ArcSwap;
+
 use crate::ebpf::TargetMap;
 use crate::policy::{Discovery, ProviderTarget};
+use crate::status::TargetView;
 
 /// How long one resolution may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -67,6 +71,8 @@ pub struct TargetDiscovery {
     map: TargetMap,
     installed: HashMap<SocketAddr, TargetValue>,
     metrics: TargetMetrics,
+    /// What is installed, for `interceptor status`.
+    published: Arc<ArcSwap<Vec<TargetView>>>,
 }
 
 /// One resolution's outcome.
@@ -95,7 +101,13 @@ impl TargetDiscovery {
             map,
             installed: HashMap::new(),
             metrics,
+            published: Arc::default(),
         }
+    }
+
+    /// The installed targets, kept current (for `interceptor status`).
+    pub fn published(&self) -> Arc<ArcSwap<Vec<TargetView>>> {
+        self.published.clone()
     }
 
     /// Installs the static addresses (before the daemon reports ready).
@@ -247,6 +259,27 @@ impl TargetDiscovery {
             .targets
             .with_label_values(&["resolved"])
             .set((self.installed.len() - statics) as i64);
+        // Several domains may share an address (one CDN edge): list each domain's own addresses.
+        let mut views: Vec<TargetView> = Vec::new();
+        for state in &self.domains {
+            for port in &state.target.ports {
+                let statics = state.target.addresses.iter().map(|a| (a, "static"));
+                let resolved = state.addresses.keys().map(|a| (a, "resolved"));
+                for (address, source) in statics.chain(resolved) {
+                    let address = SocketAddr::new(*address, *port);
+                    if self.installed.contains_key(&address) {
+                        views.push(TargetView {
+                            domain: state.target.domain.clone(),
+                            address: address.to_string(),
+                            source: source.to_owned(),
+                        });
+                    }
+                }
+            }
+        }
+        views.sort_by(|a, b| (&a.domain, &a.address).cmp(&(&b.domain, &b.address)));
+        views.dedup();
+        self.published.store(Arc::new(views));
     }
 }
 

@@ -87,6 +87,8 @@ impl Daemon {
             .arg(&bpffs_dir)
             .arg("--state-dir")
             .arg(dir.join("state"))
+            .arg("--admin-socket")
+            .arg(dir.join("run/admin.sock"))
             .args(extra_args)
             .args(if extra_args.contains(&"--ca-cert") {
                 Vec::new()

@@ -197,7 +197,11 @@ async fn a_real_prometheus_sums_sdk_tokens_per_namespace() {
         return;
     }
     let api = FakeKubeApi::start().expect("fake API server");
-    let mut s = Scenario::start_with_kubernetes(&policy("open"), &api, &[]).expect("node and daemon start");
+    let budgeted = format!(
+        "{}rules:\n  - name: daily\n    per: namespace\n    limits:\n      costPerDayUsd: 100\n",
+        policy("open")
+    );
+    let mut s = Scenario::start_with_kubernetes(&budgeted, &api, &[]).expect("node and daemon start");
     let pod_b = s.node.add_pod("pod-b", &hosts()).expect("pod b");
     let node = tests::scenario::NODE_NAME;
     api.apply(
@@ -267,6 +271,82 @@ async fn a_real_prometheus_sums_sdk_tokens_per_namespace() {
         value as u64, sdk_tokens["team-b"],
         "gen_ai_client_token_usage per namespace"
     );
+
+    // The Grafana dashboard: every query parses on the real server, every metric it reads exists.
+    let curl = s
+        .pod_post_json(
+            CHAT,
+            r#"{"model":"rate-limited","messages":[{"role":"user","content":"hi"}]}"#,
+            &[],
+        )
+        .expect("curl");
+    assert!(curl.success(), "a provider error to chart: {}", curl.describe());
+    let scrape = s.daemon.metrics().expect("scrape");
+    let exported: std::collections::BTreeSet<&str> = scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 20, "{} queries", queries.len());
+    for query in &queries {
+        for metric in metric_names(query) {
+            assert!(
+                exported.contains(metric.as_str()),
+                "{metric} (in {query}) is exported"
+            );
+        }
+        let promql = query
+            .replace("$__rate_interval", "1m")
+            .replace("$__range", "1h")
+            .replace("$namespace", ".*")
+            .replace("$workload", ".*");
+        let output = Command::new("curl")
+            .args(["-s", "--max-time", "5"])
+            .arg(format!("http://{}/api/v1/query", prometheus.addr))
+            .args(["--data-urlencode", &format!("query={promql}")])
+            .output()
+            .expect("curl");
+        let answer: Value = serde_json::from_slice(&output.stdout).expect("Prometheus JSON");
+        assert_eq!(answer["status"], "success", "{promql}: {answer}");
+    }
+}
+
+/// Every PromQL expression of the Grafana dashboard (panels and variables).
+fn dashboard_queries() -> Vec<String> {
+    let path =
+        tests::manifests::repo_root().join("deploy/kubernetes/components/monitoring/grafana-dashboard.json");
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("JSON");
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            queries.push(target["expr"].as_str().expect("expr").to_owned());
+        }
+    }
+    for variable in dashboard["templating"]["list"].as_array().expect("variables") {
+        if let Some(query) = variable["query"]["query"].as_str() {
+            // label_values(METRIC{...}, label) reads METRIC: query the metric itself.
+            let inner = query.trim_start_matches("label_values(");
+            queries.push(inner.rsplit_once(',').map_or(inner, |(m, _)| m).to_owned());
+        }
+    }
+    queries
+}
+
+/// The metric families an expression reads (`_bucket`/`_sum`/`_count` stripped).
+fn metric_names(query: &str) -> Vec<String> {
+    query
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|w| w.starts_with("interceptor_") || w.starts_with("gen_ai_client_"))
+        .map(|w| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| w.strip_suffix(suffix))
+                .unwrap_or(w)
+                .to_owned()
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -255,6 +255,33 @@ impl Record {
             cgroup_id = facts.cgroup_id,
             "request"
         );
+        let identity_key = match (pod, &workload) {
+            (Some(pod), Some(workload)) => format!("{}/{workload}", pod.namespace),
+            _ => details
+                .placement
+                .systemd_unit
+                .clone()
+                .or_else(|| details.exe.as_ref().map(|e| e.display().to_string()))
+                .unwrap_or_else(|| facts.comm.clone()),
+        };
+        let now = crate::quota::window::unix_now();
+        settings.board.record(
+            &identity_key,
+            usage.map_or(0, |u| u.input_tokens + u.output_tokens),
+            cost_usd.unwrap_or(0.0),
+            now,
+        );
+        if quota.is_some_and(|q| q.decision == "rejected") {
+            settings.board.rejected(crate::status::RecentRejection {
+                at: now,
+                identity: identity_key,
+                provider: provider.to_owned(),
+                model: model.map(str::to_owned),
+                rule: quota.and_then(|q| q.rule.as_deref()).map(str::to_owned),
+                limit: quota.and_then(|q| q.limit).map(str::to_owned),
+                status,
+            });
+        }
         if let Some(audit) = &settings.audit {
             let entry = AuditEntry {
                 time: std::time::SystemTime::now(),

@@ -437,6 +437,21 @@ impl QuotaEngine {
         self.rules.store(Arc::new(RuleSet::new(rules, &self.metrics)));
     }
 
+    /// The rules in force, for `interceptor status`.
+    pub fn rule_views(&self) -> Vec<crate::status::RuleView> {
+        self.rules
+            .load()
+            .rules
+            .iter()
+            .map(|rule| crate::status::RuleView {
+                name: rule.name.clone(),
+                mode: rule.mode.name().to_owned(),
+                per: rule.per.name().to_owned(),
+                limits: rule.summary(),
+            })
+            .collect()
+    }
+
     pub fn rule_count(&self) -> usize {
         self.rules.load().rules.len()
     }

@@ -112,6 +112,61 @@ pub struct Rule {
     pub limits: LimitsSpec,
 }
 
+impl Scope {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Rule => "rule",
+            Scope::Namespace => "namespace",
+            Scope::Workload => "workload",
+            Scope::Pod => "pod",
+        }
+    }
+}
+
+impl Rule {
+    /// The limits and model lists in one line, as written in the policy.
+    pub fn summary(&self) -> String {
+        let l = &self.limits;
+        let mut parts: Vec<String> = [
+            ("requestsPerMinute", l.requests_per_minute),
+            ("tokensPerMinute", l.tokens_per_minute),
+            ("tokensPerHour", l.tokens_per_hour),
+            ("tokensPerDay", l.tokens_per_day),
+            ("costPerDayUsd", l.cost_per_day_usd),
+            ("costPerMonthUsd", l.cost_per_month_usd),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.map(|v| format!("{name}={v}")))
+        .collect();
+        if let Some(n) = l.max_concurrent {
+            parts.push(format!("maxConcurrent={n}"));
+        }
+        if let Some(n) = l.max_tokens_per_request {
+            parts.push(format!("maxTokensPerRequest={n}"));
+        }
+        let globs = |list: &[globset::GlobMatcher]| {
+            list.iter()
+                .map(|g| g.glob().glob().to_owned())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        if !self.allow.is_empty() {
+            parts.push(format!("models.allow=[{}]", globs(&self.allow)));
+        }
+        if !self.deny.is_empty() {
+            parts.push(format!("models.deny=[{}]", globs(&self.deny)));
+        }
+        if !self.providers.is_empty() {
+            parts.push(format!("providers=[{}]", self.providers.join(",")));
+        }
+        if parts.is_empty() {
+            "no limits".to_owned()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
 impl RuleSpec {
     /// Validates and compiles; the error names the field (relative to the rule) and what is wrong.
     pub fn compile(&self) -> Result<Rule, (String, String)> {
