@@ -94,19 +94,17 @@ impl Check {
         }
     }
     fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
-        Self {
-            name,
-            status: Status::Warn,
-            detail: detail.into(),
-            fix: Some(fix.into()),
-        }
+        Self::with_fix(Status::Warn, name, detail.into(), fix.into())
     }
     fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self::with_fix(Status::Fail, name, detail.into(), fix.into())
+    }
+    fn with_fix(status: Status, name: &'static str, detail: String, fix: String) -> Self {
         Self {
             name,
-            status: Status::Fail,
-            detail: detail.into(),
-            fix: Some(fix.into()),
+            status,
+            detail,
+            fix: Some(fix),
         }
     }
 }
@@ -304,6 +302,15 @@ fn fs_magic(path: &Path) -> Result<i64, nix::Error> {
     nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0)
 }
 
+/// `Err(detail)` unless `path` is on a filesystem of type `magic` (`what` names it).
+fn expect_fs(path: &Path, magic: i64, what: &str) -> Result<(), String> {
+    match fs_magic(path) {
+        Ok(found) if found == magic => Ok(()),
+        Ok(_) => Err(format!("{} is not a {what}", path.display())),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
 fn cgroup2(config: &Config) -> Check {
     let root = match &config.cgroup_root {
         Some(root) => root.clone(),
@@ -319,24 +326,13 @@ fn cgroup2(config: &Config) -> Check {
             }
         },
     };
-    match fs_magic(&root) {
-        Ok(CGROUP2_SUPER_MAGIC) => {}
-        Ok(_) => {
-            return Check::fail(
-                "cgroup2",
-                format!("{} is not a cgroup2 filesystem", root.display()),
-                "pass --cgroup-root with the cgroup2 mount (in a container: the host's /sys/fs/cgroup, \
-                 mounted with hostPath)",
-            );
-        }
-        Err(e) => {
-            return Check::fail(
-                "cgroup2",
-                format!("{}: {e}", root.display()),
-                "pass --cgroup-root with the cgroup2 mount (in a container: the host's /sys/fs/cgroup, \
-                 mounted with hostPath)",
-            );
-        }
+    if let Err(detail) = expect_fs(&root, CGROUP2_SUPER_MAGIC, "cgroup2 filesystem") {
+        return Check::fail(
+            "cgroup2",
+            detail,
+            "pass --cgroup-root with the cgroup2 mount (in a container: the host's /sys/fs/cgroup, \
+             mounted with hostPath)",
+        );
     }
     let attach = config.cgroup.clone().unwrap_or_else(|| root.clone());
     match crate::cgroup::check_cgroup_dir(&attach) {
@@ -377,16 +373,11 @@ fn bpffs(pin_dir: &Path, failure_mode: Option<FailureMode>) -> Check {
 }
 
 fn procfs(proc_root: &Path) -> Check {
-    match fs_magic(proc_root) {
-        Ok(PROC_SUPER_MAGIC) => Check::pass("procfs", format!("{} is a procfs", proc_root.display())),
-        Ok(_) => Check::fail(
+    match expect_fs(proc_root, PROC_SUPER_MAGIC, "procfs") {
+        Ok(()) => Check::pass("procfs", format!("{} is a procfs", proc_root.display())),
+        Err(detail) => Check::fail(
             "procfs",
-            format!("{} is not a procfs", proc_root.display()),
-            "pass --proc-root with the host's /proc (in a container: hostPath /proc)",
-        ),
-        Err(e) => Check::fail(
-            "procfs",
-            format!("{}: {e}", proc_root.display()),
+            detail,
             "pass --proc-root with the host's /proc (in a container: hostPath /proc)",
         ),
     }

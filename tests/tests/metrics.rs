@@ -63,16 +63,7 @@ async fn a_scrape_after_traffic_through_every_adapter_passes_promtool() {
         .pod_curl_trusting("https://api.openai.com/v1/models", &[])
         .expect("curl");
     assert!(curl.success(), "{}", curl.describe());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while s
-        .daemon
-        .metric_sum("interceptor_provider_requests_total", &[])
-        .unwrap_or(0.0)
-        < 5.0
-    {
-        assert!(Instant::now() < deadline, "five requests recorded");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_requests(&s, 5.0);
 
     let scrape = s.daemon.metrics().expect("scrape");
     let mut promtool = Command::new("promtool")
@@ -129,6 +120,20 @@ async fn a_scrape_after_traffic_through_every_adapter_passes_promtool() {
         .metric_sum("gen_ai_client_operation_duration_seconds_count", &[])
         .expect("scrape");
     assert_eq!(durations, 5.0, "one duration per operation");
+}
+
+/// Waits until the daemon counted `count` provider requests.
+fn wait_requests(s: &Scenario, count: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s
+        .daemon
+        .metric_sum("interceptor_provider_requests_total", &[])
+        .unwrap_or(0.0)
+        < count
+    {
+        assert!(Instant::now() < deadline, "{count} requests recorded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A Prometheus server scraping one target every second, stopped on drop.
@@ -397,16 +402,7 @@ async fn the_series_cap_folds_new_identities_into_overflow() {
             .expect("curl");
         assert!(curl.success(), "{}", curl.describe());
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while s
-        .daemon
-        .metric_sum("interceptor_provider_requests_total", &[])
-        .unwrap_or(0.0)
-        < 4.0
-    {
-        assert!(Instant::now() < deadline, "four requests recorded");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_requests(&s, 4.0);
     let scrape = s.daemon.metrics().expect("scrape");
     let series: Vec<&str> = scrape
         .lines()

@@ -39,6 +39,9 @@ enum Command {
     },
     /// Run the whole test suite: formatting, lints, unit tests and the privileged end-to-end tests.
     Test,
+    /// A simulated node with two pods in two namespaces calling simulated providers through the
+    /// interceptor with the official SDKs; shows the audit lines, metrics and `interceptor status`.
+    Demo,
     /// Run the cargo-fuzz targets of the protocol parsers (nightly), each for a fixed time.
     Fuzz {
         /// Seconds per target.
@@ -73,6 +76,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Run { args } => run(&root, &args),
         Command::Test => test(&root),
+        Command::Demo => {
+            setup::run(&root, setup::Scope::All)?;
+            demo(&root)
+        }
         Command::Fuzz { seconds, targets } => {
             setup::run(&root, setup::Scope::All)?;
             let targets = if targets.is_empty() {
@@ -138,6 +145,28 @@ fn run(root: &std::path::Path, extra: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Builds and runs the demo (root: it loads eBPF programs and creates network namespaces).
+fn demo(root: &std::path::Path) -> anyhow::Result<()> {
+    sh::require_root("the demo (it loads eBPF programs and creates network namespaces)")?;
+    sh::cargo(&[
+        "build",
+        "--package",
+        "interceptor",
+        "--package",
+        "tests",
+        "--bin",
+        "interceptor",
+        "--bin",
+        "interceptor-demo",
+    ])?;
+    let status = std::process::Command::new(root.join("target/debug/interceptor-demo"))
+        .env("INTERCEPTOR_BIN", root.join("target/debug/interceptor"))
+        .status()
+        .context("running interceptor-demo")?;
+    anyhow::ensure!(status.success(), "the demo failed ({status})");
+    Ok(())
+}
+
 fn test(root: &std::path::Path) -> anyhow::Result<()> {
     setup::run(root, setup::Scope::All)?;
     sh::cargo(&["fmt", "--all", "--", "--check"]).context("formatting (run `cargo fmt --all`)")?;
@@ -174,6 +203,16 @@ fn test(root: &std::path::Path) -> anyhow::Result<()> {
         ],
         &mut totals,
     );
+    // The README's demo must keep working.
+    println!("\n+ cargo xtask demo");
+    let demo_result = demo(root);
+    match &demo_result {
+        Ok(()) => totals.passed += 1,
+        Err(e) => {
+            eprintln!("demo: {e:#}");
+            totals.failed += 1;
+        }
+    }
     // Every network-facing parser runs under the fuzzer for a minute.
     let all: Vec<String> = fuzz::TARGETS.iter().map(|t| (*t).to_owned()).collect();
     let fuzzing = fuzz::run(root, &all, 60, &mut totals);
@@ -181,5 +220,5 @@ fn test(root: &std::path::Path) -> anyhow::Result<()> {
         "\n{} passed, {} failed, {} skipped",
         totals.passed, totals.failed, totals.ignored
     );
-    unit.and(e2e).and(fuzzing)
+    unit.and(e2e).and(demo_result).and(fuzzing)
 }

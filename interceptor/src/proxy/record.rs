@@ -93,17 +93,7 @@ impl Record {
 
     /// The model the provider says it ran, else the one asked for, else the one in the path.
     fn model(&self) -> Option<&str> {
-        let requested = self.request.as_ref().and_then(|r| r.model.as_deref());
-        let path_model = self
-            .route
-            .path_model
-            .as_deref()
-            .filter(|_| !self.route.path_model_is_deployment);
-        self.outcome
-            .as_ref()
-            .and_then(|o| o.observation.model.as_deref())
-            .or(requested)
-            .or(path_model)
+        model_of(&self.route, self.request.as_ref(), self.outcome.as_ref())
     }
 
     /// Counts the prompt and the delivered output with the model's tokenizer.
@@ -140,7 +130,8 @@ impl Record {
         let outcome = self.outcome.as_ref();
         let request = self.request.as_ref();
         let response = self.response.as_ref();
-        let model = self.model();
+        // Borrows only the fields it reads, so the path and error can be moved into the audit entry.
+        let model = model_of(&self.route, self.request.as_ref(), self.outcome.as_ref());
         let usage = outcome.and_then(|o| o.usage);
         let settings = &self.settings;
         let provider = &*self.conn.provider;
@@ -291,7 +282,7 @@ impl Record {
                 pod_status: self.pod_status,
                 endpoint: self.route.kind.name(),
                 method: self.method.clone(),
-                path: self.path.clone(),
+                path: std::mem::take(&mut self.path),
                 model: model.map(str::to_owned),
                 requested_model: request.and_then(|r| r.model.clone()),
                 stream: outcome.map_or_else(|| request.is_some_and(|r| r.stream), |o| o.stream),
@@ -314,9 +305,26 @@ impl Record {
                 limit: quota.and_then(|q| q.limit),
                 provider_request_id: response.and_then(|r| r.request_id.clone()),
                 response_id: outcome.and_then(|o| o.observation.response_id.clone()),
-                error: self.error.clone(),
+                error: self.error.take(),
             };
             audit.record(entry);
         }
     }
+}
+
+/// The model the provider says it ran, else the one asked for, else the one in the path.
+fn model_of<'a>(
+    route: &'a Route,
+    request: Option<&'a RequestSide>,
+    outcome: Option<&'a Accounting>,
+) -> Option<&'a str> {
+    let requested = request.and_then(|r| r.model.as_deref());
+    let path_model = route
+        .path_model
+        .as_deref()
+        .filter(|_| !route.path_model_is_deployment);
+    outcome
+        .and_then(|o| o.observation.model.as_deref())
+        .or(requested)
+        .or(path_model)
 }

@@ -169,6 +169,15 @@ struct RuleState {
 }
 
 impl RuleState {
+    /// The day and month budgets, by kind.
+    fn budgets(&self) -> [(BudgetKind, Option<&Budget>); 3] {
+        [
+            (BudgetKind::TokensDay, self.tokens_day.as_ref()),
+            (BudgetKind::CostDay, self.cost_day.as_ref()),
+            (BudgetKind::CostMonth, self.cost_month.as_ref()),
+        ]
+    }
+
     /// Creates, updates or drops windows to match the rule's current limits.
     fn sync(&mut self, rule: &Rule, now: Instant, unix: u64) {
         let limits = &rule.limits;
@@ -355,11 +364,7 @@ impl QuotaEngine {
         let state = self.state();
         let mut usage = Vec::new();
         for (key, entry) in state.iter() {
-            for (kind, budget) in [
-                (BudgetKind::TokensDay, entry.tokens_day.as_ref()),
-                (BudgetKind::CostDay, entry.cost_day.as_ref()),
-                (BudgetKind::CostMonth, entry.cost_month.as_ref()),
-            ] {
+            for (kind, budget) in entry.budgets() {
                 if let Some(budget) = budget.filter(|b| b.limit() > 0.0) {
                     usage.push(BudgetUsage {
                         rule: key.rule.clone(),
@@ -379,11 +384,7 @@ impl QuotaEngine {
         let state = self.state();
         let mut records = Vec::new();
         for (key, entry) in state.iter() {
-            for (kind, budget) in [
-                (BudgetKind::TokensDay, entry.tokens_day.as_ref()),
-                (BudgetKind::CostDay, entry.cost_day.as_ref()),
-                (BudgetKind::CostMonth, entry.cost_month.as_ref()),
-            ] {
+            for (kind, budget) in entry.budgets() {
                 if let Some(budget) = budget.filter(|b| b.used() > 0.0) {
                     records.push(BudgetRecord {
                         rule: key.rule.to_string(),
