@@ -168,7 +168,8 @@ impl Record {
                     .unwrap_or(facts.comm.as_str()),
             },
             duration: self.latency,
-            first_chunk: self.ttfb,
+            // The conventions define the first chunk for streamed responses only.
+            first_chunk: self.ttfb.filter(|_| outcome.is_some_and(|o| o.stream)),
         });
         if let Some(ttft) = self.ttft {
             settings
