@@ -112,6 +112,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     ));
     registry.register(Box::new(crate::quota::BudgetCollector::new(quota.clone())?))?;
     let bypass = Arc::new(ArcSwap::from_pointee(policy.bypass_matchers()));
+    let audit_content = Arc::new(ArcSwap::from_pointee(policy.content_selection()));
     create_state_dir(&config.state_dir)?;
     let budgets_path = config.state_dir.join(crate::quota::store::FILE_NAME);
     crate::quota::store::restore(&quota, &budgets_path);
@@ -183,6 +184,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
             Reloadable {
                 quota: quota.clone(),
                 bypass: bypass.clone(),
+                content: audit_content.clone(),
             },
             reload_metrics.clone(),
             stop_background.clone(),
@@ -259,6 +261,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         providers,
         accounting,
         bypass: bypass.clone(),
+        audit_content,
         pods,
         quota: quota.clone(),
         leaves: Arc::new(LeafCerts::new(

@@ -72,6 +72,9 @@ pub struct Policy {
     /// Where day and month budgets are shared across nodes (default: each node alone).
     #[serde(default)]
     pub budget_store: BudgetStoreSpec,
+    /// What the audit log may hold beyond its fixed fields.
+    #[serde(default)]
+    pub audit: AuditPolicy,
 }
 
 /// The JSON Schema of the policy file, pretty-printed (editors validate and complete with it).
@@ -187,6 +190,39 @@ impl Default for Interception {
             bypass: Vec::new(),
         }
     }
+}
+
+/// Audit log options.
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuditPolicy {
+    /// Workloads whose prompts and completions (request and response bodies) are written to the audit
+    /// log. Empty (default): never. Decided when a connection is accepted, like `bypass`.
+    #[serde(default)]
+    pub content: Vec<Selector>,
+    /// Bytes kept of each body.
+    #[serde(default = "default_max_content_bytes")]
+    pub max_content_bytes: usize,
+}
+
+impl Default for AuditPolicy {
+    fn default() -> Self {
+        Self {
+            content: Vec::new(),
+            max_content_bytes: default_max_content_bytes(),
+        }
+    }
+}
+
+fn default_max_content_bytes() -> usize {
+    16 * 1024
+}
+
+/// Which connections have their bodies in the audit log.
+#[derive(Debug, Default)]
+pub struct ContentSelection {
+    pub matchers: Vec<SelectorMatcher>,
+    pub max_bytes: usize,
 }
 
 /// Behaviour when the daemon is gone.
@@ -361,6 +397,11 @@ impl Policy {
                 .compile()
                 .map_err(|m| invalid(format!("interception.bypass[{i}]"), m))?;
         }
+        for (i, selector) in self.audit.content.iter().enumerate() {
+            selector
+                .compile()
+                .map_err(|m| invalid(format!("audit.content[{i}]"), m))?;
+        }
         let mut names = HashSet::new();
         let known = if self.rules.iter().any(|r| !r.providers.is_empty()) {
             self.provider_names()
@@ -454,6 +495,19 @@ impl Policy {
     /// The names of the providers this policy intercepts.
     fn provider_names(&self) -> HashSet<String> {
         self.provider_targets().into_iter().map(|t| t.name).collect()
+    }
+
+    /// The compiled `audit.content` selectors and the body limit (validated by [`Policy::validate`]).
+    pub fn content_selection(&self) -> ContentSelection {
+        ContentSelection {
+            matchers: self
+                .audit
+                .content
+                .iter()
+                .filter_map(|s| s.compile().ok())
+                .collect(),
+            max_bytes: self.audit.max_content_bytes,
+        }
     }
 
     /// The compiled bypass selectors (validated by [`Policy::validate`]).

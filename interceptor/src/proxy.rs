@@ -170,6 +170,8 @@ pub struct ProxyContext {
     pub accounting: Arc<AccountingSettings>,
     /// Processes whose connections are relayed untouched.
     pub bypass: Arc<ArcSwap<Vec<SelectorMatcher>>>,
+    /// Workloads whose bodies go to the audit log.
+    pub audit_content: Arc<ArcSwap<crate::policy::ContentSelection>>,
     /// Pod metadata, on Kubernetes.
     pub pods: Option<Arc<PodAttribution>>,
     /// Quota rules and counters.

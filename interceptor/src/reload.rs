@@ -24,6 +24,7 @@ use crate::selector::SelectorMatcher;
 pub struct Reloadable {
     pub quota: Arc<QuotaEngine>,
     pub bypass: Arc<ArcSwap<Vec<SelectorMatcher>>>,
+    pub content: Arc<ArcSwap<crate::policy::ContentSelection>>,
 }
 
 /// Reload metrics.
@@ -157,6 +158,7 @@ fn apply(
     let count = rules.len();
     target.quota.replace_rules(rules);
     target.bypass.store(Arc::new(policy.bypass_matchers()));
+    target.content.store(Arc::new(policy.content_selection()));
     Ok(count)
 }
 
@@ -167,6 +169,7 @@ fn restart_sections(old: &str, new: &str) -> Vec<String> {
     for value in [&mut old, &mut new] {
         if let serde_norway::Value::Mapping(map) = value {
             map.remove("rules");
+            map.remove("audit");
             if let Some(serde_norway::Value::Mapping(interception)) = map.get_mut("interception") {
                 interception.remove("bypass");
             }

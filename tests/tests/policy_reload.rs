@@ -63,6 +63,7 @@ async fn a_configmap_symlink_swap_reloads_and_a_broken_version_keeps_the_rules()
         Reloadable {
             quota: quota.clone(),
             bypass,
+            content: Arc::new(ArcSwap::from_pointee(parsed.content_selection())),
         },
         metrics,
         stop.clone(),

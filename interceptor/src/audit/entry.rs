@@ -55,6 +55,8 @@ pub struct AuditEntry {
     pub provider_request_id: Option<HeaderValue>,
     pub response_id: Option<String>,
     pub error: Option<String>,
+    /// Request and response bodies, only for identities the policy's `audit.content` selects.
+    pub content: Option<super::CapturedContent>,
 }
 
 /// RFC 3339 with milliseconds, UTC.
@@ -165,6 +167,9 @@ impl Serialize for AuditEntry {
         }
         if let Some(error) = &self.error {
             map.serialize_entry("error", error)?;
+        }
+        if let Some(content) = &self.content {
+            map.serialize_entry("content", content)?;
         }
         map.end()
     }

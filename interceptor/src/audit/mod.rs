@@ -5,6 +5,7 @@
 //! is dropped and counted, and traffic goes on. Lines are never split: a failed write is cut back to
 //! the last complete line.
 
+mod content;
 mod entry;
 mod rotate;
 
@@ -52,6 +53,7 @@ pub struct AuditSettings {
     pub queue: usize,
 }
 
+pub use content::{CapturedContent, ContentCapture};
 pub use entry::{AuditEntry, AuditTokens};
 
 /// Audit counters.

@@ -46,8 +46,14 @@ impl<B> Accounted<B> {
         }
     }
 
-    fn count(&self, len: usize) {
-        self.exchange.bytes_down.fetch_add(len as u64, Ordering::Relaxed);
+    /// Counts (and, for `audit.content`, keeps) what reaches the client.
+    fn delivered(&self, data: &Bytes) {
+        self.exchange
+            .bytes_down
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        if let Some(capture) = self.exchange.capture() {
+            capture.response_data(data);
+        }
     }
 }
 
@@ -112,7 +118,7 @@ where
                 // Held until its event completes, or a removed usage chunk.
                 continue;
             }
-            this.count(data.len());
+            this.delivered(&data);
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
     }
@@ -139,8 +145,9 @@ impl<B> Accounted<B> {
         if self.stripped.is_empty() {
             return None;
         }
-        self.count(self.stripped.len());
-        Some(Bytes::copy_from_slice(&self.stripped))
+        let data = Bytes::copy_from_slice(&self.stripped);
+        self.delivered(&data);
+        Some(data)
     }
 }
 

@@ -113,6 +113,12 @@ pub async fn handle(
                 pod: pod.known(),
             };
             let bypassed = ctx.bypass.load().iter().any(|m| m.matches(&identity));
+            let content = ctx.audit_content.load();
+            let content_limit = content
+                .matchers
+                .iter()
+                .any(|m| m.matches(&identity))
+                .then_some(content.max_bytes);
             let provider = sni.as_deref().and_then(|name| ctx.provider(name)).cloned();
             let mode = match (&sni, &provider) {
                 _ if bypassed => Mode::Bypassed,
@@ -131,6 +137,7 @@ pub async fn handle(
                         sni: sni.clone().unwrap_or_default().to_ascii_lowercase(),
                         provider: provider.name,
                         adapter: provider.adapter,
+                        content_limit,
                     });
                     let (mode, outcome) = terminate(ctx, client, buffer, conn, offered_h2, &abort).await;
                     (mode, sni, outcome)

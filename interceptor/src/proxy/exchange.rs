@@ -33,6 +33,8 @@ pub struct ConnInfo {
     /// The provider's name (metrics label, price section) and API dialect.
     pub provider: Arc<str>,
     pub adapter: Adapter,
+    /// Bytes of each body kept for the audit log (`audit.content` selected this connection).
+    pub content_limit: Option<usize>,
 }
 
 /// What the request body said (when it was read).
@@ -108,6 +110,8 @@ pub struct Exchange {
     time_to_first_token: OnceLock<Duration>,
     outcome: OnceLock<Accounting>,
     quota: OnceLock<QuotaVerdict>,
+    /// Bodies kept for the audit log (`audit.content`).
+    capture: Option<crate::audit::ContentCapture>,
 }
 
 /// The quota decision of an exchange, and the reservation to settle when it ends.
@@ -132,6 +136,7 @@ impl Exchange {
         path: &str,
     ) -> Arc<Self> {
         metrics.requests_active.inc();
+        let capture = conn.content_limit.map(crate::audit::ContentCapture::new);
         Arc::new(Self {
             conn,
             metrics,
@@ -150,7 +155,13 @@ impl Exchange {
             time_to_first_token: OnceLock::new(),
             outcome: OnceLock::new(),
             quota: OnceLock::new(),
+            capture,
         })
+    }
+
+    /// The body capture of an `audit.content` connection.
+    pub fn capture(&self) -> Option<&crate::audit::ContentCapture> {
+        self.capture.as_ref()
     }
 
     pub fn route(&self) -> &Route {
@@ -234,6 +245,7 @@ impl Drop for Exchange {
             response: self.response.take(),
             outcome: self.outcome.take(),
             quota: self.quota.take(),
+            content: self.capture.as_ref().map(crate::audit::ContentCapture::finish),
             pod: None,
             pod_status: None,
         }
@@ -289,6 +301,12 @@ where
                         Direction::Down => &this.exchange.bytes_down,
                     };
                     counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if let Some(capture) = &this.exchange.capture {
+                        match this.direction {
+                            Direction::Up => capture.request_data(data),
+                            Direction::Down => capture.response_data(data),
+                        }
+                    }
                 }
             }
             Poll::Ready(Some(Err(e))) => {

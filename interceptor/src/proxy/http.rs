@@ -147,6 +147,9 @@ async fn handle(mut request: Request<Incoming>, ctx: &HttpContext) -> Response<C
     };
     exchange.responded(response.status());
     exchange.response_meta(ResponseMeta::from_headers(response.headers()));
+    if let Some(capture) = exchange.capture() {
+        capture.response_encoding(response.headers().get(http::header::CONTENT_ENCODING));
+    }
     if let Some(client_upgrade) = client_upgrade
         && response.status() == StatusCode::SWITCHING_PROTOCOLS
     {

@@ -33,6 +33,8 @@ pub struct Record {
     pub response: Option<ResponseMeta>,
     pub outcome: Option<Accounting>,
     pub quota: Option<QuotaVerdict>,
+    /// Request and response bodies (`audit.content` connections only).
+    pub content: Option<crate::audit::CapturedContent>,
     /// Set by [`Record::finish`].
     pub pod: Option<Arc<PodIdentity>>,
     pub pod_status: Option<PodStatus>,
@@ -307,6 +309,7 @@ impl Record {
                 provider_request_id: response.and_then(|r| r.request_id.clone()),
                 response_id: outcome.and_then(|o| o.observation.response_id.clone()),
                 error: self.error.take(),
+                content: self.content.take(),
             };
             audit.record(entry);
         }
