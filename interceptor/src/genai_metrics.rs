@@ -146,20 +146,14 @@ impl GenAiMetrics {
         let mut buffer = [""; MAX_LABELS];
         if let Some((input, output)) = op.tokens {
             for (token_type, count) in [("input", input), ("output", output)] {
-                let mut fixed = [""; 6];
-                fixed[..5].copy_from_slice(&common);
-                fixed[5] = token_type;
-                let n = labels.values(&mut buffer, &fixed, identity);
+                let n = labels.values(&mut buffer, &and(common, token_type), identity);
                 self.token_cap.admit(&mut buffer[..n], labels.count());
                 self.token_usage
                     .with_label_values(&buffer[..n])
                     .observe(count as f64);
             }
         }
-        let mut fixed = [""; 6];
-        fixed[..5].copy_from_slice(&common);
-        fixed[5] = op.error_type;
-        let n = labels.values(&mut buffer, &fixed, identity);
+        let n = labels.values(&mut buffer, &and(common, op.error_type), identity);
         self.duration_cap.admit(&mut buffer[..n], labels.count());
         self.duration
             .with_label_values(&buffer[..n])
@@ -170,6 +164,12 @@ impl GenAiMetrics {
             self.first_chunk.with_label_values(&buffer[..n]).observe(seconds);
         }
     }
+}
+
+/// The common labels followed by one more.
+fn and<'a>(common: [&'a str; 5], last: &'a str) -> [&'a str; 6] {
+    let [a, b, c, d, e] = common;
+    [a, b, c, d, e, last]
 }
 
 #[cfg(test)]

@@ -49,7 +49,7 @@ enum Command {
         config: Box<Config>,
         /// Output format.
         #[arg(long, value_enum, default_value = "table")]
-        format: DoctorFormat,
+        format: OutputFormat,
     },
     /// Show the running daemon: programs, targets, top identities by cost and tokens over the last
     /// minute, hour and day, rules, recent rejections (through its admin socket; root only).
@@ -61,7 +61,7 @@ enum Command {
         )]
         socket: PathBuf,
         #[arg(long, value_enum, default_value = "table")]
-        format: DoctorFormat,
+        format: OutputFormat,
     },
     /// `status`, refreshed like `top` until Ctrl-C.
     Top {
@@ -91,7 +91,7 @@ enum Command {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
-enum DoctorFormat {
+enum OutputFormat {
     Table,
     Json,
 }
@@ -114,6 +114,14 @@ enum PolicyCommand {
     Check { file: PathBuf },
     /// Print the JSON Schema of the policy file (for editors; shipped as deploy/policy.schema.json).
     Schema,
+}
+
+/// A single-threaded runtime for the commands that talk to a running daemon.
+fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")
 }
 
 fn main() -> ExitCode {
@@ -186,8 +194,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Doctor { config, format } => {
             let report = interceptor::doctor::run(&config);
             match format {
-                DoctorFormat::Table => print!("{}", report.table()),
-                DoctorFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                OutputFormat::Table => print!("{}", report.table()),
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
             }
             Ok(if report.passed() {
                 ExitCode::SUCCESS
@@ -196,14 +204,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Status { socket, format } => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("building the tokio runtime")?;
-            let status = runtime.block_on(interceptor::status::fetch(&socket))?;
+            let status = client_runtime()?.block_on(interceptor::status::fetch(&socket))?;
             match format {
-                DoctorFormat::Table => print!("{}", interceptor::status::render(&status)),
-                DoctorFormat::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+                OutputFormat::Table => print!("{}", interceptor::status::render(&status)),
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&status)?),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -212,11 +216,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             interval,
             iterations,
         } => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("building the tokio runtime")?;
-            runtime.block_on(async move {
+            client_runtime()?.block_on(async move {
                 let mut done = 0u64;
                 loop {
                     let status = interceptor::status::fetch(&socket).await?;

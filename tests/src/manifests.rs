@@ -102,6 +102,30 @@ impl Rendered {
             .collect())
     }
 
+    /// The container's arguments after `run`, with the host paths the DaemonSet mounts mapped to where
+    /// this node has them (the cgroup2 hierarchy wherever mountinfo says, the host's /proc), then the
+    /// `extra` (container path, local path) replacements applied.
+    pub fn daemon_args_on_this_node(&self, extra: &[(&str, String)]) -> anyhow::Result<Vec<String>> {
+        let cgroup_root = interceptor::cgroup::discover_cgroup2_mount()?
+            .display()
+            .to_string();
+        let mut replacements = vec![
+            ("/run/interceptor/cgroupv2", cgroup_root),
+            ("/host/proc", "/proc".to_owned()),
+        ];
+        replacements.extend(extra.iter().map(|(from, to)| (*from, to.clone())));
+        Ok(self
+            .daemon_args()?
+            .into_iter()
+            .filter(|arg| arg != "run")
+            .map(|arg| {
+                replacements
+                    .iter()
+                    .fold(arg, |arg, (from, to)| arg.replace(from, to))
+            })
+            .collect())
+    }
+
     /// The policy file of the `interceptor-policy` ConfigMap.
     pub fn policy(&self) -> anyhow::Result<String> {
         self.all("ConfigMap")

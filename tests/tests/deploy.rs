@@ -356,20 +356,14 @@ fn manifest_args(rendered: &Rendered) -> Vec<String> {
         "--state-dir",
         "--bpffs-dir",
     ];
-    let cgroup_root = interceptor::cgroup::discover_cgroup2_mount().expect("cgroup2 mount");
     rendered
-        .daemon_args()
+        .daemon_args_on_this_node(&[])
         .expect("args")
         .into_iter()
-        .filter(|arg| arg != "run")
         .filter(|arg| {
             !harness_sets
                 .iter()
                 .any(|flag| arg.starts_with(&format!("{flag}=")))
-        })
-        .map(|arg| {
-            arg.replace("/run/interceptor/cgroupv2", &cgroup_root.display().to_string())
-                .replace("/host/proc", "/proc")
         })
         .collect()
 }

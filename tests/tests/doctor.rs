@@ -39,24 +39,20 @@ impl Mounts {
     /// The DaemonSet's arguments (after `run`) with its mount paths mapped to this machine and the
     /// metrics port left to the kernel.
     fn daemonset_args(&self) -> Vec<String> {
-        let rendered = Rendered::render("base").expect("base renders");
-        let cgroup_root = interceptor::cgroup::discover_cgroup2_mount().expect("cgroup2");
-        rendered
-            .daemon_args()
+        Rendered::render("base")
+            .expect("base renders")
+            .daemon_args_on_this_node(&[
+                ("/etc/interceptor", self.dir.display().to_string()),
+                (
+                    "/var/lib/interceptor",
+                    self.dir.join("state").display().to_string(),
+                ),
+                ("$(NODE_IP):9464", "127.0.0.1:0".to_owned()),
+                ("$(NODE_IP)", "127.0.0.1".to_owned()),
+            ])
             .expect("args")
             .into_iter()
-            .filter(|a| a != "run" && !a.starts_with("--log-format"))
-            .map(|a| {
-                a.replace("/run/interceptor/cgroupv2", &cgroup_root.display().to_string())
-                    .replace("/host/proc", "/proc")
-                    .replace("/etc/interceptor", &self.dir.display().to_string())
-                    .replace(
-                        "/var/lib/interceptor",
-                        &self.dir.join("state").display().to_string(),
-                    )
-                    .replace("$(NODE_IP):9464", "127.0.0.1:0")
-                    .replace("$(NODE_IP)", "127.0.0.1")
-            })
+            .filter(|a| !a.starts_with("--log-format"))
             .collect()
     }
 }
