@@ -138,8 +138,19 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         proxy_port,
         node_addresses: config.node_addresses.clone(),
         host_netns_cookie,
+        learning: crate::ebpf::LearningSettings {
+            learn_dns: policy.discovery.learn_from_dns,
+            grace: policy.discovery.dns_grace,
+            max_ttl: policy.discovery.dns_max_ttl,
+            watch_hellos: policy.discovery.report_escapes,
+        },
     };
-    let (redirector, maps) = Redirector::attach(&options, &target)?;
+    let (redirector, mut maps) = Redirector::attach(&options, &target)?;
+    let watched_domains = crate::watched::watched_domains(
+        &policy.provider_targets(),
+        &policy.discovery.encrypted_dns_names,
+    );
+    crate::watched::install(&mut maps.watched, &watched_domains)?;
     readiness.set_programs_attached(true);
     metrics::register_daemon_state(&registry, ca.not_after, redirector.attached().len())?;
     let attribution = Arc::new(maps.attribution);
@@ -155,6 +166,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         policy.provider_targets(),
         policy.discovery.clone(),
         maps.targets,
+        maps.learned,
         target_metrics,
     );
     discovery.install_static();
@@ -204,6 +216,16 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     };
     let pods = kubernetes::start(&kubernetes, &registry, &background, stop_background.clone()).await?;
     let audit_metrics = crate::audit::AuditMetrics::register(&registry)?;
+    background.spawn(crate::escapes::run(
+        maps.sni_events,
+        crate::escapes::EscapeReporter::new(
+            watched_domains.into_iter().map(|d| d.pattern).collect(),
+            CgroupNames::new(cgroup_root.clone(), config.proc_root.clone()),
+            pods.clone(),
+            crate::escapes::EscapeMetrics::register(&registry)?,
+        ),
+        stop_background.clone(),
+    ));
 
     if let Some(listener) = admin_listener {
         background.spawn(admin::serve(

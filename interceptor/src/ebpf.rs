@@ -5,13 +5,16 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::cgroup_skb::CgroupSkbAttachType;
 use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
-use aya::programs::{CgroupSockAddr, SockOps};
+use aya::programs::{CgroupSkb, CgroupSockAddr, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use interceptor_ebpf::{
-    CONFIG_FLAG_ENABLED, COUNTER_COUNT, COUNTER_NAMES, ConnKey, ConnRecord, MAP_CONFIG, MAP_COUNTERS,
-    MAP_ESTABLISHED, MAP_PENDING, MAP_TARGETS, RedirectConfig, TargetKey, TargetValue, ipv4_mapped,
+    CONFIG_FLAG_ENABLED, CONFIG_FLAG_LEARN_DNS, CONFIG_FLAG_WATCH_HELLOS, COUNTER_COUNT, COUNTER_NAMES, ConnKey,
+    ConnRecord, DomainInfo, LearnedTarget, MAP_CONFIG, MAP_COUNTERS, MAP_DOMAINS, MAP_ESTABLISHED, MAP_LEARNED,
+    MAP_PENDING, MAP_SNI_EVENTS, MAP_TARGETS, MAP_WATCHED, RedirectConfig, TargetKey, TargetValue, WatchedSuffix,
+    ipv4_mapped, ipv4_unmapped,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
@@ -30,6 +33,11 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] = [
 ];
 /// The sock_ops program.
 const SOCK_OPS_PROGRAM: &str = "record_established";
+/// The cgroup_skb programs: DNS learning on ingress, ClientHello watching on egress.
+const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
+    ("learn_dns", CgroupSkbAttachType::Ingress),
+    ("watch_hellos", CgroupSkbAttachType::Egress),
+];
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +49,7 @@ pub enum EbpfError {
     NotPermitted(String),
     #[error("loading the eBPF object: {0}")]
     Load(Box<aya::EbpfError>),
-    #[error("eBPF program {name}: {error}")]
+    #[error("eBPF program {name}: {}", error_chain(error.as_ref()))]
     Program {
         name: &'static str,
         error: Box<aya::programs::ProgramError>,
@@ -63,6 +71,14 @@ pub enum EbpfError {
     Bpffs(PathBuf, std::io::Error),
 }
 
+/// An error and its sources, joined by `: ` (aya keeps the errno in the source).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    std::iter::successors(Some(error), |e| e.source())
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
 /// Where redirected connections go.
 #[derive(Clone, Debug)]
 pub struct RedirectTarget {
@@ -72,6 +88,21 @@ pub struct RedirectTarget {
     pub node_addresses: Vec<IpAddr>,
     /// Netns cookie of the daemon's network namespace.
     pub host_netns_cookie: u64,
+    /// Learning targets from DNS answers, and watching for escaped ClientHellos.
+    pub learning: LearningSettings,
+}
+
+/// What the packet programs do (see `interceptor-ebpf`).
+#[derive(Clone, Copy, Debug)]
+pub struct LearningSettings {
+    /// Learn targets from the DNS answers local sockets receive.
+    pub learn_dns: bool,
+    /// How long a learned target outlives its answer's TTL.
+    pub grace: std::time::Duration,
+    /// Cap on answer TTLs.
+    pub max_ttl: std::time::Duration,
+    /// Report ClientHellos with a provider SNI to non-target destinations, and encrypted-DNS hints.
+    pub watch_hellos: bool,
 }
 
 /// Options for [`Redirector::attach`].
@@ -98,6 +129,9 @@ pub struct Redirector {
 /// Handles on the maps other subsystems use.
 pub struct Maps {
     pub targets: TargetMap,
+    pub learned: LearnedMap,
+    pub watched: WatchedNames,
+    pub sni_events: RingBuf<MapData>,
     pub attribution: AttributionMap,
     pub counters: Counters,
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -117,6 +151,11 @@ pub fn verify_programs() -> Result<Vec<&'static str>, EbpfError> {
     let program: &mut SockOps = program_mut(&mut ebpf, SOCK_OPS_PROGRAM)?;
     program.load().map_err(|e| program_error(SOCK_OPS_PROGRAM, e))?;
     verified.push(SOCK_OPS_PROGRAM);
+    for (name, _) in SKB_PROGRAMS {
+        let program: &mut CgroupSkb = program_mut(&mut ebpf, name)?;
+        program.load().map_err(|e| program_error(name, e))?;
+        verified.push(name);
+    }
     Ok(verified)
 }
 
@@ -144,6 +183,14 @@ impl Redirector {
             targets: TargetMap {
                 map: take_map(&mut ebpf, MAP_TARGETS)?,
             },
+            learned: LearnedMap {
+                map: take_map(&mut ebpf, MAP_LEARNED)?,
+            },
+            watched: WatchedNames {
+                suffixes: take_map(&mut ebpf, MAP_WATCHED)?,
+                domains: take_map(&mut ebpf, MAP_DOMAINS)?,
+            },
+            sni_events: take_map(&mut ebpf, MAP_SNI_EVENTS)?,
             attribution: AttributionMap {
                 established: Mutex::new(take_map(&mut ebpf, MAP_ESTABLISHED)?),
                 pending: take_map(&mut ebpf, MAP_PENDING)?,
@@ -184,6 +231,21 @@ impl Redirector {
             pinned.push(pin(link, dir, SOCK_OPS_PROGRAM)?);
         }
         attached.push(SOCK_OPS_PROGRAM);
+        for (name, attach_type) in SKB_PROGRAMS {
+            let program: &mut CgroupSkb = program_mut(&mut ebpf, name)?;
+            program.load().map_err(|e| program_error(name, e))?;
+            // Attached through a BPF link, which the kernel always treats as multi-attach: other
+            // cgroup_skb programs on the node (systemd's IP accounting and firewalling, CNI plugins)
+            // keep working on this cgroup and below it (a link refuses explicit attach flags).
+            let link_id = program
+                .attach(&cgroup, attach_type, CgroupAttachMode::Single)
+                .map_err(|e| program_error(name, e))?;
+            if let Some(dir) = &options.pin_dir {
+                let link = program.take_link(link_id).map_err(|e| program_error(name, e))?;
+                pinned.push(pin(link, dir, name)?);
+            }
+            attached.push(name);
+        }
         info!(
             cgroup = %options.cgroup.display(),
             programs = ?attached,
@@ -247,16 +309,27 @@ fn redirect_config(target: &RedirectTarget) -> RedirectConfig {
         IpAddr::V6(v6) => Some(v6.octets()),
         IpAddr::V4(_) => None,
     });
+    let learning = &target.learning;
+    let mut flags = CONFIG_FLAG_ENABLED;
+    if learning.learn_dns {
+        flags |= CONFIG_FLAG_LEARN_DNS;
+    }
+    if learning.watch_hellos {
+        flags |= CONFIG_FLAG_WATCH_HELLOS;
+    }
+    let seconds = |d: std::time::Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
     RedirectConfig {
         host_netns_cookie: target.host_netns_cookie,
         daemon_tgid: std::process::id(),
-        flags: CONFIG_FLAG_ENABLED,
+        flags,
         proxy_port: target.proxy_port,
         _pad: [0; 6],
         loopback4: Ipv4Addr::LOCALHOST.octets(),
         node4: node4.unwrap_or([0; 4]),
         loopback6: Ipv6Addr::LOCALHOST.octets(),
         node6: node6.unwrap_or([0; 16]),
+        dns_grace_s: seconds(learning.grace),
+        dns_max_ttl_s: seconds(learning.max_ttl),
     }
 }
 
@@ -415,6 +488,79 @@ impl TargetMap {
             Err(e) => Err(map_error(MAP_TARGETS, e)),
         }
     }
+}
+
+/// The targets the kernel learned from DNS answers. The kernel adds and extends entries; the daemon
+/// removes expired ones (the kernel already ignores them) and reports what is there.
+pub struct LearnedMap {
+    map: HashMap<MapData, TargetKey, LearnedTarget>,
+}
+
+impl LearnedMap {
+    /// Every entry: (destination, domain index, expiry on the `CLOCK_MONOTONIC` clock in ns).
+    pub fn entries(&self) -> Vec<(SocketAddr, u32, u64)> {
+        self.map
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, value)| (socket_addr(&key), value.domain_index, value.expires_ns))
+            .collect()
+    }
+
+    /// Removes the entry for `addr` if it expired at or before `now_ns` (the kernel may have just
+    /// extended it: it is read again first). Returns whether it was removed.
+    pub fn remove_expired(&mut self, addr: SocketAddr, now_ns: u64) -> Result<bool, EbpfError> {
+        let key = target_key(addr);
+        match self.map.get(&key, 0) {
+            Ok(value) if value.expires_ns <= now_ns => match self.map.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(true),
+                Err(e) => Err(map_error(MAP_LEARNED, e)),
+            },
+            Ok(_) | Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(map_error(MAP_LEARNED, e)),
+        }
+    }
+}
+
+/// The names the kernel watches in DNS answers and ClientHellos.
+pub struct WatchedNames {
+    suffixes: HashMap<MapData, u64, WatchedSuffix>,
+    domains: Array<MapData, DomainInfo>,
+}
+
+impl WatchedNames {
+    /// Sets domain `index`.
+    pub fn set_domain(&mut self, index: u32, info: DomainInfo) -> Result<(), EbpfError> {
+        self.domains
+            .set(index, info, 0)
+            .map_err(|e| map_error(MAP_DOMAINS, e))
+    }
+
+    /// Sets the patterns of one suffix hash.
+    pub fn set_suffix(&mut self, hash: u64, suffix: WatchedSuffix) -> Result<(), EbpfError> {
+        self.suffixes
+            .insert(hash, suffix, 0)
+            .map_err(|e| map_error(MAP_WATCHED, e))
+    }
+}
+
+/// The current `CLOCK_MONOTONIC` time in ns (the clock of `bpf_ktime_get_ns`).
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| (t.tv_sec() as u64).saturating_mul(1_000_000_000) + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// A socket address from 16 address bytes (IPv4-mapped for IPv4) and a port.
+pub fn socket_addr_from(addr: &[u8; 16], port: u16) -> SocketAddr {
+    let ip = match ipv4_unmapped(addr) {
+        Some(v4) => IpAddr::V4(Ipv4Addr::from(v4)),
+        None => IpAddr::V6(Ipv6Addr::from(*addr)),
+    };
+    SocketAddr::new(ip, port)
+}
+
+fn socket_addr(key: &TargetKey) -> SocketAddr {
+    socket_addr_from(&key.addr, key.port)
 }
 
 fn address_bytes(addr: IpAddr) -> [u8; 16] {

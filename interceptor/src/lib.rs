@@ -28,4 +28,6 @@ pub mod signal;
 pub mod status;
 pub mod sys;
 pub mod targets;
+pub mod watched;
+pub mod escapes;
 pub mod tls;

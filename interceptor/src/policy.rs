@@ -256,6 +256,26 @@ pub struct Discovery {
     #[serde(default = "default_retry_interval", with = "humantime_serde")]
     #[schemars(with = "String")]
     pub retry_interval: Duration,
+    /// Learn provider addresses from the DNS answers workloads receive (an eBPF program reads each
+    /// answer for a provider name and adds its addresses before the answer reaches the workload).
+    #[serde(default = "default_true")]
+    pub learn_from_dns: bool,
+    /// How long an address learned from an answer stays a target after the answer's TTL ran out.
+    #[serde(default = "default_dns_grace", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub dns_grace: Duration,
+    /// Answer TTLs longer than this are capped (a forged huge TTL cannot pin an address).
+    #[serde(default = "default_dns_max_ttl", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub dns_max_ttl: Duration,
+    /// Count TLS connections whose SNI is a provider but which did not go through the proxy
+    /// (`interceptor_escaped_connections_total`), and connections to encrypted-DNS endpoints.
+    #[serde(default = "default_true")]
+    pub report_escapes: bool,
+    /// Names counted as DNS-over-HTTPS endpoints (patterns like provider domains). Their answers
+    /// cannot be seen, so workloads using them are reported as a hint.
+    #[serde(default = "default_encrypted_dns_names")]
+    pub encrypted_dns_names: Vec<String>,
 }
 
 impl Default for Discovery {
@@ -265,8 +285,41 @@ impl Default for Discovery {
             max_refresh: default_max_refresh(),
             stale_grace: default_stale_grace(),
             retry_interval: default_retry_interval(),
+            learn_from_dns: true,
+            dns_grace: default_dns_grace(),
+            dns_max_ttl: default_dns_max_ttl(),
+            report_escapes: true,
+            encrypted_dns_names: default_encrypted_dns_names(),
         }
     }
+}
+
+fn default_dns_grace() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_dns_max_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+/// Well-known public DNS-over-HTTPS endpoints.
+fn default_encrypted_dns_names() -> Vec<String> {
+    [
+        "dns.google",
+        "dns64.dns.google",
+        "cloudflare-dns.com",
+        "*.cloudflare-dns.com",
+        "one.one.one.one",
+        "dns.quad9.net",
+        "*.quad9.net",
+        "doh.opendns.com",
+        "dns.adguard-dns.com",
+        "*.nextdns.io",
+        "doh.cleanbrowsing.org",
+        "doh.mullvad.net",
+        "dns.alidns.com",
+        "doh.pub",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 fn default_true() -> bool {
@@ -378,6 +431,12 @@ impl Policy {
             if entry.ports.is_empty() {
                 return Err(invalid(field("ports"), "must list at least one port".into()));
             }
+            if entry.ports.len() > interceptor_ebpf::PORTS_PER_DOMAIN {
+                return Err(invalid(
+                    field("ports"),
+                    format!("at most {} ports per domain", interceptor_ebpf::PORTS_PER_DOMAIN),
+                ));
+            }
             if entry.ports.contains(&0) {
                 return Err(invalid(field("ports"), "0 is not a valid port".into()));
             }
@@ -464,6 +523,14 @@ impl Policy {
                 "discovery".into(),
                 "minRefresh and retryInterval must be positive".into(),
             ));
+        }
+        for (i, name) in d.encrypted_dns_names.iter().enumerate() {
+            if let Err(e) = providers::validate_domain_pattern(name) {
+                return Err(invalid(format!("discovery.encryptedDnsNames[{i}]"), e));
+            }
+        }
+        if d.dns_max_ttl.is_zero() {
+            return Err(invalid("discovery.dnsMaxTtl".into(), "must be positive".into()));
         }
         if d.min_refresh > d.max_refresh {
             return Err(invalid(

@@ -4,6 +4,10 @@
 //! addresses are resolved by the daemon and re-resolved when their records expire (bounded by
 //! `discovery.minRefresh` / `maxRefresh`). An address that leaves the answers stays a target for its
 //! TTL plus `discovery.staleGrace`, because clients may have cached it.
+//!
+//! Addresses learned by the kernel from the DNS answers workloads receive live in their own map (the
+//! kernel adds them; see `interceptor-ebpf`). This task removes those whose TTL plus
+//! `discovery.dnsGrace` ran out (the kernel already ignores them) and reports the rest.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -20,12 +24,14 @@ use tracing::{debug, error, info, warn};
 
 use arc_swap::ArcSwap;
 
-use crate::ebpf::TargetMap;
+use crate::ebpf::{LearnedMap, TargetMap};
 use crate::policy::{Discovery, ProviderTarget};
 use crate::status::TargetView;
 
 /// How long one resolution may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often expired learned targets are removed.
+const LEARNED_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Metrics of target discovery.
 #[derive(Clone)]
@@ -70,6 +76,9 @@ pub struct TargetDiscovery {
     discovery: Discovery,
     map: TargetMap,
     installed: HashMap<SocketAddr, TargetValue>,
+    learned: LearnedMap,
+    /// Unexpired learned targets at the last sweep: (destination, domain index).
+    learned_now: Vec<(SocketAddr, u32)>,
     metrics: TargetMetrics,
     /// What is installed, for `interceptor status`.
     published: Arc<ArcSwap<Vec<TargetView>>>,
@@ -83,6 +92,7 @@ impl TargetDiscovery {
         targets: Vec<ProviderTarget>,
         discovery: Discovery,
         map: TargetMap,
+        learned: LearnedMap,
         metrics: TargetMetrics,
     ) -> Self {
         let now = Instant::now();
@@ -100,6 +110,8 @@ impl TargetDiscovery {
             discovery,
             map,
             installed: HashMap::new(),
+            learned,
+            learned_now: Vec::new(),
             metrics,
             published: Arc::default(),
         }
@@ -126,6 +138,8 @@ impl TargetDiscovery {
         };
         let mut in_flight: FuturesUnordered<_> = FuturesUnordered::new();
         let mut resolving = vec![false; self.domains.len()];
+        let mut sweep = tokio::time::interval(LEARNED_SWEEP_INTERVAL);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let now = Instant::now();
             if let Some(resolver) = &resolver {
@@ -147,6 +161,10 @@ impl TargetDiscovery {
                     self.sync(Instant::now());
                 }
                 _ = tokio::time::sleep_until(next_wake.into()) => self.sync(Instant::now()),
+                _ = sweep.tick() => {
+                    self.sweep_learned(crate::ebpf::monotonic_ns());
+                    self.publish();
+                }
             }
         }
     }
@@ -246,6 +264,29 @@ impl TargetDiscovery {
                 Err(e) => warn!(%address, error = %e, "cannot add a target (map full?)"),
             }
         }
+        self.publish();
+    }
+
+    /// Removes learned targets that expired at or before `now_ns` and remembers the others.
+    fn sweep_learned(&mut self, now_ns: u64) {
+        let mut current = Vec::new();
+        for (address, domain_index, expires_ns) in self.learned.entries() {
+            if expires_ns > now_ns {
+                current.push((address, domain_index));
+                continue;
+            }
+            match self.learned.remove_expired(address, now_ns) {
+                Ok(true) => debug!(%address, "learned target expired"),
+                Ok(false) => current.push((address, domain_index)),
+                Err(e) => warn!(%address, error = %e, "cannot remove an expired learned target"),
+            }
+        }
+        current.sort();
+        self.learned_now = current;
+    }
+
+    /// Updates the target gauges and the view `interceptor status` shows.
+    fn publish(&self) {
         let statics = self
             .installed
             .values()
@@ -259,6 +300,10 @@ impl TargetDiscovery {
             .targets
             .with_label_values(&["resolved"])
             .set((self.installed.len() - statics) as i64);
+        self.metrics
+            .targets
+            .with_label_values(&["learned"])
+            .set(self.learned_now.len() as i64);
         // Several domains may share an address (one CDN edge): list each domain's own addresses.
         let mut views: Vec<TargetView> = Vec::new();
         for state in &self.domains {
@@ -275,6 +320,15 @@ impl TargetDiscovery {
                         });
                     }
                 }
+            }
+        }
+        for (address, domain_index) in &self.learned_now {
+            if let Some(state) = self.domains.get(*domain_index as usize) {
+                views.push(TargetView {
+                    domain: state.target.domain.clone(),
+                    address: address.to_string(),
+                    source: "learned".to_owned(),
+                });
             }
         }
         views.sort_by(|a, b| (&a.domain, &a.address).cmp(&(&b.domain, &b.address)));

@@ -11,6 +11,7 @@
 
 pub mod cmd;
 pub mod daemon;
+pub mod dns;
 pub mod kubeapi;
 pub mod manifests;
 pub mod node;

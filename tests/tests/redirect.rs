@@ -409,7 +409,7 @@ async fn a_fail_open_daemon_removes_the_pins_of_a_fail_closed_one() {
         s.daemon
             .logs()
             .iter()
-            .any(|l| l["message"] == "removed links pinned by a fail-closed daemon" && l["removed"] == 5),
+            .any(|l| l["message"] == "removed links pinned by a fail-closed daemon" && l["removed"] == 7),
         "one line says what was removed"
     );
     let through = s.pod_curl(RELAYED, &[]).expect("curl");

@@ -55,7 +55,7 @@ async fn status_shows_programs_targets_top_identities_rules_and_rejections() {
         assert!(Instant::now() < deadline, "the rejection shows: {status}");
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(status["programs"].as_array().map(Vec::len), Some(5), "{status}");
+    assert_eq!(status["programs"].as_array().map(Vec::len), Some(7), "{status}");
     assert!(
         status["targets"]
             .as_array()

@@ -31,7 +31,7 @@ const TOP_ROWS: usize = 10;
 pub struct TargetView {
     pub domain: String,
     pub address: String,
-    /// static (policy) or resolved (DNS).
+    /// static (policy), resolved (the daemon's DNS) or learned (DNS answers workloads received).
     pub source: String,
 }
 
