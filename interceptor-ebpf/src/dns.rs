@@ -35,7 +35,7 @@ pub const CLASS_IN: u16 = 1;
 pub enum DnsError {
     /// The message ends inside the header, a name or a record.
     Truncated,
-    /// A label length with the reserved bits 01 or 10 set.
+    /// A label length with the reserved bits 01 or 10 set, or a question label containing a dot.
     BadLabel,
     /// A compression pointer in the question, or one that does not point backwards.
     BadPointer,
@@ -47,7 +47,7 @@ impl core::fmt::Display for DnsError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str(match self {
             Self::Truncated => "the message ends inside a name or record",
-            Self::BadLabel => "a label length uses the reserved types 01 or 10",
+            Self::BadLabel => "a label length uses the reserved types 01 or 10, or a label holds a dot",
             Self::BadPointer => "a compression pointer in the question or not pointing backwards",
             Self::NameTooLong => "a name longer than 253 characters",
         })
@@ -215,6 +215,11 @@ pub fn parse_question(
             }
             work.set_label_left(b);
         } else {
+            // A dot inside a label is legal DNS but no host name: in text form it would read as a
+            // label boundary (`api.openai` + `com` as `api.openai.com`).
+            if b == b'.' {
+                return Err(DnsError::BadLabel);
+            }
             name[out] = lower(b);
             work.set_out(out + 1);
             work.set_label_left(label_left - 1);

@@ -45,11 +45,17 @@ impl DnsServer {
     /// Starts serving on `addr` port 53 (UDP and TCP) inside `netns`.
     pub fn start(netns: &ProviderNetns, addr: IpAddr) -> anyhow::Result<Self> {
         let socket_addr = SocketAddr::new(addr, 53);
-        let (udp, tcp) = netns.enter(move || {
-            let udp = UdpSocket::bind(socket_addr).context("binding DNS/UDP")?;
-            let tcp = TcpListener::bind(socket_addr).context("binding DNS/TCP")?;
-            Ok((udp, tcp))
-        })?;
+        let sockets = netns.enter(move || bind(socket_addr))?;
+        Self::serve(socket_addr, sockets)
+    }
+
+    /// Starts serving on `addr` port 53 in the current network namespace (a loopback address).
+    pub fn start_here(addr: IpAddr) -> anyhow::Result<Self> {
+        let socket_addr = SocketAddr::new(addr, 53);
+        Self::serve(socket_addr, bind(socket_addr)?)
+    }
+
+    fn serve(socket_addr: SocketAddr, (udp, tcp): (UdpSocket, TcpListener)) -> anyhow::Result<Self> {
         udp.set_read_timeout(Some(Duration::from_millis(100)))?;
         tcp.set_nonblocking(true)?;
         let server = Self {
@@ -78,6 +84,12 @@ impl DnsServer {
             zone.raw.insert(name.to_ascii_lowercase(), reply);
         }
     }
+}
+
+fn bind(addr: SocketAddr) -> anyhow::Result<(UdpSocket, TcpListener)> {
+    let udp = UdpSocket::bind(addr).with_context(|| format!("binding DNS/UDP {addr}"))?;
+    let tcp = TcpListener::bind(addr).with_context(|| format!("binding DNS/TCP {addr}"))?;
+    Ok((udp, tcp))
 }
 
 impl Drop for DnsServer {

@@ -117,6 +117,14 @@ fn long_messages_are_read_up_to_the_examined_size() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Found by the fuzzer: a label holding a dot would read, in text form, as two labels.
+#[test]
+fn a_label_holding_a_dot_is_refused() {
+    let mut bytes = vec![0x12, 0x34, 0x81, 0x80, 0, 1, 0, 0, 0, 0, 0, 0];
+    bytes.extend_from_slice(b"\x0aapi.openai\x03com\x00\x00\x01\x00\x01");
+    assert_eq!(learned(&bytes), Err(DnsError::BadLabel));
+}
+
 #[test]
 fn pointer_in_question_is_refused() {
     let mut bytes = raw_header("api.openai.com", 0);

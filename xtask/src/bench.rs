@@ -43,6 +43,9 @@ pub enum Which {
     /// Quota decision cost with 1, 100 and 1,000 rules and 10,000 identities, and the reload time of a
     /// 1,000-rule file (no privileges needed).
     Policy,
+    /// Kernel cost per DNS answer of the learning program (watched, unwatched, not DNS) and whether a
+    /// watched answer's address is a target before the application can connect to it.
+    Dns,
 }
 
 pub fn run(root: &Path, which: Which) -> anyhow::Result<()> {
@@ -55,13 +58,14 @@ pub fn run(root: &Path, which: Which) -> anyhow::Result<()> {
         "tests",
         "--bins",
     ])?;
-    if matches!(which, Which::Connect { .. } | Which::Proxy { .. }) {
+    if matches!(which, Which::Connect { .. } | Which::Proxy { .. } | Which::Dns) {
         sh::require_root("the benchmarks (they attach eBPF programs and create network namespaces)")?;
     }
     let binary = root.join("target/release/interceptor");
     let driver = match which {
         Which::Attribution => "target/release/interceptor-bench-attribution",
         Which::Policy => "target/release/interceptor-bench-policy",
+        Which::Dns => "target/release/interceptor-bench-dns",
         _ => "target/release/interceptor-bench",
     };
     let mut command = Command::new(root.join(driver));
@@ -92,7 +96,7 @@ pub fn run(root: &Path, which: Which) -> anyhow::Result<()> {
             &mut command
         }
         Which::Parse { megabytes } => command.args(["parse", "--megabytes", &megabytes.to_string()]),
-        Which::Attribution | Which::Policy => &mut command,
+        Which::Attribution | Which::Policy | Which::Dns => &mut command,
     };
     sh::status(&mut command)
 }

@@ -21,6 +21,8 @@ pub const TARGETS: &[&str] = &[
     "usage_anthropic",
     "usage_gemini",
     "usage_bedrock",
+    "dns_response",
+    "client_hello",
 ];
 
 /// Targets run side by side (one per core of the reference machine).
@@ -42,10 +44,23 @@ fn fuzz_command(root: &Path) -> Command {
     command
 }
 
-/// A corpus directory seeded with the conformance fixtures (kept between runs: it grows).
+/// A corpus directory seeded with the conformance fixtures, or with the target's own seeds under
+/// `fuzz/seeds/<target>` (kept between runs: it grows).
 fn seed_corpus(root: &Path, target: &str) -> anyhow::Result<PathBuf> {
     let corpus = root.join("target/fuzz-corpus").join(target);
     std::fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
+    // Targets that read packets (DNS answers, ClientHellos) have seeds of their own, used verbatim.
+    let own_seeds = crate_dir(root).join("fuzz/seeds").join(target);
+    if own_seeds.is_dir() {
+        for file in std::fs::read_dir(&own_seeds).with_context(|| format!("reading {}", own_seeds.display()))? {
+            let file = file?.path();
+            if let Some(name) = file.file_name() {
+                std::fs::copy(&file, corpus.join(name))
+                    .with_context(|| format!("copying {}", file.display()))?;
+            }
+        }
+        return Ok(corpus);
+    }
     let fixtures = crate_dir(root).join("tests/fixtures");
     for provider in std::fs::read_dir(&fixtures).with_context(|| format!("reading {}", fixtures.display()))? {
         let provider = provider?.path();
