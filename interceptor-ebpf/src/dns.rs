@@ -355,7 +355,11 @@ pub struct Learned {
 }
 
 /// Parses a whole response (see [`Learned`]).
-pub fn learn(msg: &[u8; DNS_MAX], len: usize, name: &mut [u8; NAME_MAX]) -> Result<Option<Learned>, DnsError> {
+pub fn learn(
+    msg: &[u8; DNS_MAX],
+    len: usize,
+    name: &mut [u8; NAME_MAX],
+) -> Result<Option<Learned>, DnsError> {
     let mut work = ParseWork::default();
     let Some(question) = parse_question(msg, len, name, &mut work)? else {
         return Ok(None);

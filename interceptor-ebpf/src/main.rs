@@ -35,13 +35,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use interceptor_ebpf::{
-    CONFIG_FLAG_ENABLED, CONFIG_FLAG_LEARN_DNS, CONFIG_FLAG_WATCH_HELLOS, COUNTER_COUNT, COUNTER_DNS_LEARN_FAILED,
-    COUNTER_DNS_LEARNED, COUNTER_DNS_MALFORMED, COUNTER_DNS_RESPONSES, COUNTER_DNS_WATCHED,
-    COUNTER_HELLO_ENCRYPTED_DNS, COUNTER_HELLO_ESCAPED, COUNTER_NO_ROUTE, COUNTER_RECORD_FAILED,
-    COUNTER_REDIRECTED, COUNTER_REFUSED, COUNTER_SKIPPED, COUNTER_SNI_EVENTS_LOST, ConnKey, ConnRecord,
-    DOMAIN_FLAG_ENCRYPTED_DNS, DOMAIN_FLAG_PROVIDER, DomainInfo, LearnedTarget, MAX_CONNECTIONS, MAX_DOMAINS,
-    MAX_LEARNED, MAX_TARGETS, MAX_WATCHED, PORTS_PER_DOMAIN, RedirectConfig, SNI_EVENT_DOH, SNI_EVENT_DOT,
-    SNI_EVENT_ESCAPED, SNI_EVENTS_BYTES, Scratch, SniEvent, TargetKey, TargetValue, WatchedSuffix,
+    CONFIG_FLAG_ENABLED, CONFIG_FLAG_LEARN_DNS, CONFIG_FLAG_WATCH_HELLOS, COUNTER_COUNT,
+    COUNTER_DNS_LEARN_FAILED, COUNTER_DNS_LEARNED, COUNTER_DNS_MALFORMED, COUNTER_DNS_RESPONSES,
+    COUNTER_DNS_WATCHED, COUNTER_HELLO_ENCRYPTED_DNS, COUNTER_HELLO_ESCAPED, COUNTER_NO_ROUTE,
+    COUNTER_RECORD_FAILED, COUNTER_REDIRECTED, COUNTER_REFUSED, COUNTER_SKIPPED, COUNTER_SNI_EVENTS_LOST,
+    ConnKey, ConnRecord, DOMAIN_FLAG_ENCRYPTED_DNS, DOMAIN_FLAG_PROVIDER, DomainInfo, LearnedTarget,
+    MAX_CONNECTIONS, MAX_DOMAINS, MAX_LEARNED, MAX_TARGETS, MAX_WATCHED, PORTS_PER_DOMAIN, RedirectConfig,
+    SNI_EVENT_DOH, SNI_EVENT_DOT, SNI_EVENT_ESCAPED, SNI_EVENTS_BYTES, Scratch, SniEvent, TargetKey,
+    TargetValue, WatchedSuffix,
     dns::{self, DnsError, MAX_ANSWERS},
     hello, ipv4_mapped, ipv4_unmapped,
     names::{self, SuffixTable},
@@ -446,7 +447,11 @@ fn load_message(ctx: &SkBuffContext, offset: usize, scratch: &mut Scratch) -> Op
     if available == 0 {
         return None;
     }
-    let len = if available > dns::DNS_EXAMINED { dns::DNS_EXAMINED } else { available };
+    let len = if available > dns::DNS_EXAMINED {
+        dns::DNS_EXAMINED
+    } else {
+        available
+    };
     // Written so that the verifier sees 1 <= len <= DNS_MAX (the helper refuses a possibly empty read).
     let len = ((len - 1) & dns::DNS_MASK) + 1;
     // SAFETY: the destination is the scratch message buffer, DNS_MAX bytes long, and len <= DNS_MAX.
@@ -488,7 +493,12 @@ fn try_learn_dns(ctx: &SkBuffContext) -> Option<()> {
     let len = load_message(ctx, offset, scratch)?;
     scratch.set_msg_len(len);
     count(COUNTER_DNS_RESPONSES);
-    let question = match dns::parse_question(&scratch.msg, scratch.msg_len(), &mut scratch.name, &mut scratch.work) {
+    let question = match dns::parse_question(
+        &scratch.msg,
+        scratch.msg_len(),
+        &mut scratch.name,
+        &mut scratch.work,
+    ) {
         Ok(Some(question)) => question,
         Ok(None) => return None,
         Err(error) => {
@@ -523,7 +533,11 @@ fn try_learn_dns(ctx: &SkBuffContext) -> Option<()> {
         // SAFETY: writing our own scratch field.
         unsafe { core::ptr::write_volatile(&mut scratch.cursor, record.next as u32) };
         if let Some(addr) = dns::record_address(&scratch.msg, scratch.msg_len(), &record) {
-            let ttl = if record.ttl > config.dns_max_ttl_s { config.dns_max_ttl_s } else { record.ttl };
+            let ttl = if record.ttl > config.dns_max_ttl_s {
+                config.dns_max_ttl_s
+            } else {
+                record.ttl
+            };
             let expires_ns = now + (u64::from(ttl) + u64::from(config.dns_grace_s)) * NS_PER_SECOND;
             learn(addr, domain, info, expires_ns);
         }

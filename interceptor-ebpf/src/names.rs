@@ -66,7 +66,11 @@ const fn fnv_step(hash: u64, byte: u8) -> u64 {
 /// ASCII lower case.
 #[inline(always)]
 pub const fn lower(byte: u8) -> u8 {
-    if byte >= b'A' && byte <= b'Z' { byte + 32 } else { byte }
+    if byte >= b'A' && byte <= b'Z' {
+        byte + 32
+    } else {
+        byte
+    }
 }
 
 /// Hash of `name` read backwards (its suffix hash), case-insensitive.
@@ -194,10 +198,10 @@ pub fn match_name<T: SuffixTable>(
             break;
         }
         let slot = count.wrapping_sub(1 + i) & (MAX_SUFFIX_LOOKUPS - 1);
-        if let Some(suffix) = table.get(candidates.hash[slot]) {
-            if let Some(domain) = match_patterns(&suffix, candidates, candidates.at[slot] as usize) {
-                return Some(domain);
-            }
+        if let Some(suffix) = table.get(candidates.hash[slot])
+            && let Some(domain) = match_patterns(&suffix, candidates, candidates.at[slot] as usize)
+        {
+            return Some(domain);
         }
         i += 1;
     }
@@ -258,7 +262,11 @@ pub fn pattern_entry(pattern: &str, domain_index: u16) -> Result<(u64, WatchedPa
             Ok((
                 suffix_hash(suffix.as_bytes()),
                 WatchedPattern {
-                    prefix_hash: if prefix.is_empty() { 0 } else { prefix_hash(prefix.as_bytes()) },
+                    prefix_hash: if prefix.is_empty() {
+                        0
+                    } else {
+                        prefix_hash(prefix.as_bytes())
+                    },
                     domain_index,
                     kind: PATTERN_WILDCARD,
                     prefix_len: prefix.len() as u8,

@@ -146,10 +146,8 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         },
     };
     let (redirector, mut maps) = Redirector::attach(&options, &target)?;
-    let watched_domains = crate::watched::watched_domains(
-        &policy.provider_targets(),
-        &policy.discovery.encrypted_dns_names,
-    );
+    let watched_domains =
+        crate::watched::watched_domains(&policy.provider_targets(), &policy.discovery.encrypted_dns_names);
     crate::watched::install(&mut maps.watched, &watched_domains)?;
     readiness.set_programs_attached(true);
     metrics::register_daemon_state(&registry, ca.not_after, redirector.attached().len())?;

@@ -11,10 +11,10 @@ use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::{CgroupSkb, CgroupSockAddr, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use interceptor_ebpf::{
-    CONFIG_FLAG_ENABLED, CONFIG_FLAG_LEARN_DNS, CONFIG_FLAG_WATCH_HELLOS, COUNTER_COUNT, COUNTER_NAMES, ConnKey,
-    ConnRecord, DomainInfo, LearnedTarget, MAP_CONFIG, MAP_COUNTERS, MAP_DOMAINS, MAP_ESTABLISHED, MAP_LEARNED,
-    MAP_PENDING, MAP_SNI_EVENTS, MAP_TARGETS, MAP_WATCHED, RedirectConfig, TargetKey, TargetValue, WatchedSuffix,
-    ipv4_mapped, ipv4_unmapped,
+    CONFIG_FLAG_ENABLED, CONFIG_FLAG_LEARN_DNS, CONFIG_FLAG_WATCH_HELLOS, COUNTER_COUNT, COUNTER_NAMES,
+    ConnKey, ConnRecord, DomainInfo, LearnedTarget, MAP_CONFIG, MAP_COUNTERS, MAP_DOMAINS, MAP_ESTABLISHED,
+    MAP_LEARNED, MAP_PENDING, MAP_SNI_EVENTS, MAP_TARGETS, MAP_WATCHED, RedirectConfig, TargetKey,
+    TargetValue, WatchedSuffix, ipv4_mapped, ipv4_unmapped,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};

@@ -53,7 +53,10 @@ impl EscapeMetrics {
         )?;
         registry.register(Box::new(escaped.clone()))?;
         registry.register(Box::new(encrypted_dns.clone()))?;
-        Ok(Self { escaped, encrypted_dns })
+        Ok(Self {
+            escaped,
+            encrypted_dns,
+        })
     }
 }
 
@@ -159,7 +162,10 @@ impl EscapeReporter {
         };
         let key = (event.cgroup_id, event.kind, event.domain_index);
         let now = Instant::now();
-        if last.get(&key).is_some_and(|at| now.duration_since(*at) < LOG_INTERVAL) {
+        if last
+            .get(&key)
+            .is_some_and(|at| now.duration_since(*at) < LOG_INTERVAL)
+        {
             return false;
         }
         if last.len() >= MAX_REMEMBERED {

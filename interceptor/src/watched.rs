@@ -136,7 +136,8 @@ mod tests {
 
     fn lookup(table: &Table, domains: &[WatchedDomain], name: &str) -> Option<String> {
         let (buffer, len): ([u8; NAME_MAX], usize) = name_buffer(name.as_bytes())?;
-        match_name(&buffer, len, table, &mut Candidates::default()).map(|i| domains[i as usize].pattern.clone())
+        match_name(&buffer, len, table, &mut Candidates::default())
+            .map(|i| domains[i as usize].pattern.clone())
     }
 
     /// The kernel's hash matcher agrees with the proxy's string matcher on the built-in catalog.
@@ -196,7 +197,11 @@ mod tests {
             ports: vec![443, 8443],
         };
         let domains = watched_domains(
-            &[target("api*x.example.com"), target("ok.example.com"), target("*.example.net")],
+            &[
+                target("api*x.example.com"),
+                target("ok.example.com"),
+                target("*.example.net"),
+            ],
             &[],
         );
         assert_eq!(domains[1].info.ports, [443, 8443, 0, 0]);
@@ -221,6 +226,9 @@ mod tests {
         assert_eq!(entries.len(), 1);
         assert_eq!(unwatched.len(), 1, "the fifth pattern does not fit");
         let table = Table(entries);
-        assert_eq!(lookup(&table, &domains, "p3x.example.com").as_deref(), Some("p3*.example.com"));
+        assert_eq!(
+            lookup(&table, &domains, "p3x.example.com").as_deref(),
+            Some("p3*.example.com")
+        );
     }
 }

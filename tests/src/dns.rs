@@ -142,7 +142,11 @@ fn serve_tcp(listener: TcpListener, zone: &Mutex<Zone>, stop: &AtomicBool, queri
 fn reply_to(query: &[u8], zone: &Mutex<Zone>) -> Option<Vec<u8>> {
     let request = Message::from_vec(query).ok()?;
     let question = request.queries().first()?.clone();
-    let name = question.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
+    let name = question
+        .name()
+        .to_ascii()
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
     let zone = zone.lock().ok()?;
     if let Some(raw) = zone.raw.get(&name) {
         let mut raw = raw.clone();
@@ -163,7 +167,9 @@ fn reply_to(query: &[u8], zone: &Mutex<Zone>) -> Option<Vec<u8>> {
     let mut current = name.clone();
     let mut found = false;
     for _ in 0..8 {
-        let Some((answers, ttl)) = zone.records.get(&current) else { break };
+        let Some((answers, ttl)) = zone.records.get(&current) else {
+            break;
+        };
         found = true;
         let owner = Name::from_ascii(format!("{current}.")).ok()?;
         let mut next = None;
@@ -171,7 +177,11 @@ fn reply_to(query: &[u8], zone: &Mutex<Zone>) -> Option<Vec<u8>> {
             match answer {
                 Answer::Cname(target) => {
                     let target_name = Name::from_ascii(format!("{target}.")).ok()?;
-                    response.add_answer(Record::from_rdata(owner.clone(), *ttl, RData::CNAME(CNAME(target_name))));
+                    response.add_answer(Record::from_rdata(
+                        owner.clone(),
+                        *ttl,
+                        RData::CNAME(CNAME(target_name)),
+                    ));
                     next = Some(target.to_ascii_lowercase());
                 }
                 Answer::Address(IpAddr::V4(v4)) if question.query_type() == RecordType::A => {

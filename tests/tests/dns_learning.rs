@@ -107,7 +107,11 @@ fn events(s: &Scenario, event: &str) -> f64 {
 /// attributed it to the pod, with `original` as the destination the application chose.
 fn intercepted_request(s: &mut Scenario, pod: &Pod, original: SocketAddr, extra: &[&str]) {
     let curl = s.curl_in(pod, true, URL, extra).expect("curl");
-    assert!(curl.success(), "intercepted through a learned target: {}", curl.describe());
+    assert!(
+        curl.success(),
+        "intercepted through a learned target: {}",
+        curl.describe()
+    );
     let line = s.daemon.connection_line(curl.pid).expect("connection line");
     assert_eq!(line["original_dst"], original.to_string(), "{line}");
     assert_eq!(line["mode"], "terminated", "{line}");
@@ -126,17 +130,27 @@ async fn a_pods_first_connection_through_its_own_resolver_is_intercepted() {
     let watched = events(&s, "dns_watched");
 
     intercepted_request(&mut s, &pod, SocketAddr::new(PROVIDER_V4.into(), 443), &["-4"]);
-    assert!(dns.queries.load(std::sync::atomic::Ordering::Relaxed) >= 1, "the pod asked its resolver");
+    assert!(
+        dns.queries.load(std::sync::atomic::Ordering::Relaxed) >= 1,
+        "the pod asked its resolver"
+    );
     assert!(events(&s, "dns_watched") > watched);
     wait_learned(&s, "api.openai.com", SocketAddr::new(PROVIDER_V4.into(), 443));
     assert!(
-        s.daemon.metric("interceptor_targets{source=\"learned\"}").expect("scrape") >= 1.0,
+        s.daemon
+            .metric("interceptor_targets{source=\"learned\"}")
+            .expect("scrape")
+            >= 1.0,
         "learned targets are counted"
     );
     assert_eq!(events(&s, "hello_escaped"), 0.0, "nothing escaped");
 
     // A wildcard domain's answers are learned too (ports default to 443).
-    dns.set("myres.openai.azure.com", vec![Answer::Address(OTHER_V4.into())], 30);
+    dns.set(
+        "myres.openai.azure.com",
+        vec![Answer::Address(OTHER_V4.into())],
+        30,
+    );
     let lookup = pod
         .command("getent", &["ahostsv4", "myres.openai.azure.com"])
         .output()
@@ -150,10 +164,17 @@ async fn cname_chains_aaaa_answers_and_dns_over_tcp_are_followed() {
     let Some((mut s, dns)) = start("cname_chains_aaaa_answers_and_dns_over_tcp_are_followed") else {
         return;
     };
-    dns.set("api.openai.com", vec![Answer::Cname("edge.cdn.example.net".into())], 30);
+    dns.set(
+        "api.openai.com",
+        vec![Answer::Cname("edge.cdn.example.net".into())],
+        30,
+    );
     dns.set(
         "edge.cdn.example.net",
-        vec![Answer::Address(OTHER_V4.into()), Answer::Address(PROVIDER_V6.into())],
+        vec![
+            Answer::Address(OTHER_V4.into()),
+            Answer::Address(PROVIDER_V6.into()),
+        ],
         30,
     );
     let pod = resolving_pod(&mut s, "pod-dns", "");
@@ -163,17 +184,26 @@ async fn cname_chains_aaaa_answers_and_dns_over_tcp_are_followed() {
     wait_learned(&s, "api.openai.com", SocketAddr::new(OTHER_V4.into(), 443));
     wait_learned(&s, "api.openai.com", SocketAddr::new(PROVIDER_V6.into(), 443));
     let learned = learned(&s);
-    assert!(learned.iter().all(|(domain, _)| domain == "api.openai.com"), "{learned:?}");
+    assert!(
+        learned.iter().all(|(domain, _)| domain == "api.openai.com"),
+        "{learned:?}"
+    );
 
     // glibc's `use-vc` resolves over TCP: the answer arrives in a TCP segment from port 53.
     dns.set("api.openai.com", vec![Answer::Address(PROVIDER_V4.into())], 30);
     let tcp_pod = resolving_pod(&mut s, "pod-tcp", "use-vc");
-    intercepted_request(&mut s, &tcp_pod, SocketAddr::new(PROVIDER_V4.into(), 443), &["-4"]);
+    intercepted_request(
+        &mut s,
+        &tcp_pod,
+        SocketAddr::new(PROVIDER_V4.into(), 443),
+        &["-4"],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotating_answers_never_let_a_connection_escape_and_expire_after_ttl_plus_grace() {
-    let Some((mut s, dns)) = start("rotating_answers_never_let_a_connection_escape_and_expire_after_ttl_plus_grace")
+    let Some((mut s, dns)) =
+        start("rotating_answers_never_let_a_connection_escape_and_expire_after_ttl_plus_grace")
     else {
         return;
     };
@@ -205,7 +235,10 @@ async fn rotating_answers_never_let_a_connection_escape_and_expire_after_ttl_plu
         if learned.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "still learned after TTL plus grace: {learned:?}");
+        assert!(
+            Instant::now() < deadline,
+            "still learned after TTL plus grace: {learned:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(
@@ -213,7 +246,12 @@ async fn rotating_answers_never_let_a_connection_escape_and_expire_after_ttl_plu
         "expired too early ({:?} after the last answer)",
         last_answer.elapsed()
     );
-    assert_eq!(s.daemon.metric("interceptor_targets{source=\"learned\"}").expect("scrape"), 0.0);
+    assert_eq!(
+        s.daemon
+            .metric("interceptor_targets{source=\"learned\"}")
+            .expect("scrape"),
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,7 +264,9 @@ async fn malformed_answers_are_ignored_and_counted() {
     // The test process asks the resolver directly: its socket receives each broken answer, which the
     // ingress program parses before the socket does.
     let client = UdpSocket::bind("0.0.0.0:0").expect("client socket");
-    client.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    client
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
     for (index, (what, reply)) in broken.iter().enumerate() {
         let name = format!("broken{index}.example.net");
         dns.set_raw(&name, reply.clone());
@@ -236,8 +276,14 @@ async fn malformed_answers_are_ignored_and_counted() {
         query[3] = 0x00;
         client.send_to(&query, (RESOLVER, 53)).expect("send");
         let mut buffer = [0u8; 4096];
-        let (len, _) = client.recv_from(&mut buffer).unwrap_or_else(|e| panic!("{what}: {e}"));
-        assert_eq!(&buffer[2..len], &reply[2..], "{what}: the application still gets the answer");
+        let (len, _) = client
+            .recv_from(&mut buffer)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(
+            &buffer[2..len],
+            &reply[2..],
+            "{what}: the application still gets the answer"
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while events(&s, "dns_malformed") - malformed_before < broken.len() as f64 {
@@ -249,7 +295,11 @@ async fn malformed_answers_are_ignored_and_counted() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(learned(&s).is_empty(), "nothing learned from broken answers: {:?}", learned(&s));
+    assert!(
+        learned(&s).is_empty(),
+        "nothing learned from broken answers: {:?}",
+        learned(&s)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,10 +309,17 @@ async fn escaped_connections_and_encrypted_dns_are_reported_with_the_pod() {
     };
     // The scenario's pod has `api.openai.com` hard-coded in its hosts file: no DNS answer, no target.
     let escaped = s.pod_curl(URL, &[]).expect("curl");
-    assert!(escaped.success(), "reaches the provider directly: {}", escaped.describe());
+    assert!(
+        escaped.success(),
+        "reaches the provider directly: {}",
+        escaped.describe()
+    );
     let counter = |s: &Scenario| {
         s.daemon
-            .metric_sum("interceptor_escaped_connections_total", &[("domain", "api.openai.com")])
+            .metric_sum(
+                "interceptor_escaped_connections_total",
+                &[("domain", "api.openai.com")],
+            )
             .expect("scrape")
     };
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -275,7 +332,9 @@ async fn escaped_connections_and_encrypted_dns_are_reported_with_the_pod() {
     let line = s
         .daemon
         .wait_log(Duration::from_secs(5), |l| {
-            l["message"].as_str().is_some_and(|m| m.contains("bypassed the proxy"))
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("bypassed the proxy"))
         })
         .expect("escape log line");
     assert_eq!(line["cgroup"], cgroup, "{line}");
@@ -287,10 +346,20 @@ async fn escaped_connections_and_encrypted_dns_are_reported_with_the_pod() {
         .enter(|| Ok(TcpListener::bind(SocketAddr::new(OTHER_V4.into(), 853))?))
         .expect("port 853 listener");
     let doh = s
-        .curl_in(&s.pod, false, "https://dns.google/dns-query", &["-k", "--resolve", &format!("dns.google:443:{OTHER_V4}")])
+        .curl_in(
+            &s.pod,
+            false,
+            "https://dns.google/dns-query",
+            &["-k", "--resolve", &format!("dns.google:443:{OTHER_V4}")],
+        )
         .expect("curl");
     let dot = s
-        .curl_in(&s.pod, false, &format!("https://{OTHER_V4}:853/"), &["-k", "--max-time", "2"])
+        .curl_in(
+            &s.pod,
+            false,
+            &format!("https://{OTHER_V4}:853/"),
+            &["-k", "--max-time", "2"],
+        )
         .expect("curl");
     let hints = |s: &Scenario, kind: &str| {
         s.daemon

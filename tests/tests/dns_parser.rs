@@ -15,7 +15,11 @@ fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(a, b, c, d))
 }
 
-fn learned(bytes: &[u8]) -> Result<Option<(String, Vec<([u8; 16], u32)>, Option<DnsError>)>, DnsError> {
+/// What a response yields: the question name, the (address, TTL) answers, and the error that stopped
+/// the parse early, if any.
+type Learned = (String, Vec<([u8; 16], u32)>, Option<DnsError>);
+
+fn learned(bytes: &[u8]) -> Result<Option<Learned>, DnsError> {
     let (msg, len) = message_buffer(bytes);
     let mut name = [0u8; NAME_MAX];
     Ok(learn(&msg, len, &mut name)?.map(|l| {
@@ -57,7 +61,11 @@ fn cname_chain_and_addresses_are_read() -> anyhow::Result<()> {
 
 #[test]
 fn queries_and_failures_are_not_responses_to_learn_from() -> anyhow::Result<()> {
-    let mut bytes = response("api.openai.com", &[("api.openai.com", Answer::Address(v4(203, 0, 113, 10)))], 60)?;
+    let mut bytes = response(
+        "api.openai.com",
+        &[("api.openai.com", Answer::Address(v4(203, 0, 113, 10)))],
+        60,
+    )?;
     let mut query = bytes.clone();
     query[2] &= 0x7f; // QR = 0
     assert_eq!(learned(&query)?, None);
@@ -137,10 +145,11 @@ fn pointer_in_question_is_refused() {
 fn client_hello(server_name: &str) -> anyhow::Result<Vec<u8>> {
     // No roots needed: only the first flight is written, nothing is verified.
     let roots = rustls::RootCertStore::empty();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())?;
     let mut connection = rustls::ClientConnection::new(Arc::new(config), name)?;
     let mut out = Vec::new();
@@ -167,6 +176,9 @@ fn server_name_is_read_from_a_real_client_hello() -> anyhow::Result<()> {
     let mut not_hello = bytes.clone();
     not_hello[5] = 2;
     let (msg, len) = message_buffer(&not_hello);
-    assert_eq!(hello::server_name(&msg, len, &mut name), Err(HelloError::NotClientHello));
+    assert_eq!(
+        hello::server_name(&msg, len, &mut name),
+        Err(HelloError::NotClientHello)
+    );
     Ok(())
 }

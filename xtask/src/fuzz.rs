@@ -52,7 +52,9 @@ fn seed_corpus(root: &Path, target: &str) -> anyhow::Result<PathBuf> {
     // Targets that read packets (DNS answers, ClientHellos) have seeds of their own, used verbatim.
     let own_seeds = crate_dir(root).join("fuzz/seeds").join(target);
     if own_seeds.is_dir() {
-        for file in std::fs::read_dir(&own_seeds).with_context(|| format!("reading {}", own_seeds.display()))? {
+        for file in
+            std::fs::read_dir(&own_seeds).with_context(|| format!("reading {}", own_seeds.display()))?
+        {
             let file = file?.path();
             if let Some(name) = file.file_name() {
                 std::fs::copy(&file, corpus.join(name))

@@ -19,7 +19,10 @@ fuzz_target!(|data: &[u8]| {
     let question = &name[..learned.question.name_len];
     assert!(question.len() <= 253);
     assert!(learned.count <= MAX_ANSWERS);
-    assert!(!question.iter().any(u8::is_ascii_uppercase), "the name is lower-cased");
+    assert!(
+        !question.iter().any(u8::is_ascii_uppercase),
+        "the name is lower-cased"
+    );
 
     let Ok(message) = Message::from_vec(&data[..len]) else {
         return;

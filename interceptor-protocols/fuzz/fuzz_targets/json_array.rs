@@ -14,7 +14,9 @@ fn split(chunks: &[&[u8]]) -> (Vec<Vec<u8>>, bool) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&at, body)) = data.split_first() else { return };
+    let Some((&at, body)) = data.split_first() else {
+        return;
+    };
     let at = usize::from(at).min(body.len());
     let whole = split(&[body]);
     assert_eq!(whole, split(&[&body[..at], &body[at..]]));

@@ -10,7 +10,9 @@ fuzz_target!(|data: &[u8]| {
     if !facts.stream {
         return;
     }
-    let Ok(injected) = inject_include_usage(data, &facts) else { return };
+    let Ok(injected) = inject_include_usage(data, &facts) else {
+        return;
+    };
     let again = probe(&injected).expect("an injected body is still a request body");
     assert!(again.include_usage);
     assert!(again.stream);

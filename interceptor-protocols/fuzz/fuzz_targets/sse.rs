@@ -15,7 +15,9 @@ fn events(chunks: &[&[u8]]) -> (Vec<(String, Vec<u8>)>, bool) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&split, body)) = data.split_first() else { return };
+    let Some((&split, body)) = data.split_first() else {
+        return;
+    };
     let at = usize::from(split).min(body.len());
     let whole = events(&[body]);
     let split = events(&[&body[..at], &body[at..]]);

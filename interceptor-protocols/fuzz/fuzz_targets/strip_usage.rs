@@ -15,7 +15,9 @@ fn strip(chunks: &[&[u8]]) -> Vec<u8> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&at, body)) = data.split_first() else { return };
+    let Some((&at, body)) = data.split_first() else {
+        return;
+    };
     let at = usize::from(at).min(body.len());
     let whole = strip(&[body]);
     if body.len() < 512 {

@@ -16,12 +16,17 @@ fn scan(chunks: &[&[u8]]) -> Fields {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&at, body)) = data.split_first() else { return };
+    let Some((&at, body)) = data.split_first() else {
+        return;
+    };
     let at = usize::from(at).min(body.len());
     let whole = scan(&[body]);
     assert_eq!(whole, scan(&[&body[..at], &body[at..]]));
     let input_is_object = serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| v.is_object());
     if let (true, Fields::Object(object)) = (input_is_object, &whole) {
-        assert!(serde_json::from_slice::<serde_json::Value>(object).is_ok(), "rebuilt object is JSON");
+        assert!(
+            serde_json::from_slice::<serde_json::Value>(object).is_ok(),
+            "rebuilt object is JSON"
+        );
     }
 });

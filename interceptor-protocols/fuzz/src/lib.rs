@@ -20,7 +20,10 @@ fn account(adapter: Adapter, paths: &[&str; 4], selector: u8, chunks: &[&[u8]]) 
         http::HeaderValue::from_static(CONTENT_TYPES[usize::from((selector >> 2) & 3)]),
     );
     if selector & 16 != 0 {
-        headers.insert(http::header::CONTENT_ENCODING, http::HeaderValue::from_static("gzip"));
+        headers.insert(
+            http::header::CONTENT_ENCODING,
+            http::HeaderValue::from_static("gzip"),
+        );
     }
     let status = if selector & 32 != 0 { 429 } else { 200 };
     let limits = Limits {
@@ -38,8 +41,12 @@ fn account(adapter: Adapter, paths: &[&str; 4], selector: u8, chunks: &[&[u8]]) 
 /// The fuzz input is a selector byte, a split offset byte and the body: any body, framing and
 /// chunking must give the same accounting as in one piece, and never panic.
 pub fn check_usage(adapter: Adapter, paths: &[&str; 4], data: &[u8]) {
-    let Some((&selector, rest)) = data.split_first() else { return };
-    let Some((&at, body)) = rest.split_first() else { return };
+    let Some((&selector, rest)) = data.split_first() else {
+        return;
+    };
+    let Some((&at, body)) = rest.split_first() else {
+        return;
+    };
     let at = usize::from(at).min(body.len());
     let whole = account(adapter, paths, selector, &[body]);
     let split = account(adapter, paths, selector, &[&body[..at], &body[at..]]);

@@ -82,7 +82,8 @@ fn test_run_ns(id: u64, frame: &[u8], dir: &std::path::Path) -> anyhow::Result<f
             .args(["repeat", TEST_RUN_REPEAT])
             .output()
             .context("bpftool prog run")?;
-        let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+        let text =
+            String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
         let ns = text
             .split("duration (average): ")
             .nth(1)
@@ -103,11 +104,14 @@ fn resolve_then_connect(client: &UdpSocket, name: &str, addr: Ipv4Addr) -> anyho
     query[3] = 0x00;
     client.send_to(&query, (RESOLVER, 53))?;
     let mut buffer = [0u8; 1500];
-    client.recv_from(&mut buffer).context("no answer from the resolver")?;
+    client
+        .recv_from(&mut buffer)
+        .context("no answer from the resolver")?;
     let answered = Instant::now();
     // Nothing listens on port 443 of the 127/8 address: a connect that was not redirected is
     // refused at once; a redirected one reaches the proxy.
-    let redirected = TcpStream::connect_timeout(&SocketAddr::new(addr.into(), 443), Duration::from_secs(1)).is_ok();
+    let redirected =
+        TcpStream::connect_timeout(&SocketAddr::new(addr.into(), 443), Duration::from_secs(1)).is_ok();
     Ok((answered.elapsed(), redirected))
 }
 
@@ -128,25 +132,49 @@ async fn main() -> anyhow::Result<()> {
     let watched = response(
         "api.openai.com",
         &[
-            ("api.openai.com", Answer::Address(IpAddr::V4(Ipv4Addr::new(127, 66, 0, 1)))),
-            ("api.openai.com", Answer::Address(IpAddr::V4(Ipv4Addr::new(127, 66, 0, 2)))),
+            (
+                "api.openai.com",
+                Answer::Address(IpAddr::V4(Ipv4Addr::new(127, 66, 0, 1))),
+            ),
+            (
+                "api.openai.com",
+                Answer::Address(IpAddr::V4(Ipv4Addr::new(127, 66, 0, 2))),
+            ),
         ],
         60,
     )?;
     let chain = response(
         "api.openai.com",
         &[
-            ("api.openai.com", Answer::Cname("api.openai.com.cdn.cloudflare.net".into())),
-            ("api.openai.com.cdn.cloudflare.net", Answer::Address(IpAddr::V4(Ipv4Addr::new(127, 66, 0, 3)))),
-            ("api.openai.com.cdn.cloudflare.net", Answer::Address(IpAddr::V4(Ipv4Addr::new(127, 66, 0, 4)))),
-            ("api.openai.com.cdn.cloudflare.net", Answer::Address(IpAddr::V4(Ipv4Addr::new(127, 66, 0, 5)))),
-            ("api.openai.com.cdn.cloudflare.net", Answer::Address(IpAddr::V4(Ipv4Addr::new(127, 66, 0, 6)))),
+            (
+                "api.openai.com",
+                Answer::Cname("api.openai.com.cdn.cloudflare.net".into()),
+            ),
+            (
+                "api.openai.com.cdn.cloudflare.net",
+                Answer::Address(IpAddr::V4(Ipv4Addr::new(127, 66, 0, 3))),
+            ),
+            (
+                "api.openai.com.cdn.cloudflare.net",
+                Answer::Address(IpAddr::V4(Ipv4Addr::new(127, 66, 0, 4))),
+            ),
+            (
+                "api.openai.com.cdn.cloudflare.net",
+                Answer::Address(IpAddr::V4(Ipv4Addr::new(127, 66, 0, 5))),
+            ),
+            (
+                "api.openai.com.cdn.cloudflare.net",
+                Answer::Address(IpAddr::V4(Ipv4Addr::new(127, 66, 0, 6))),
+            ),
         ],
         60,
     )?;
     let unwatched = response(
         "www.example.com",
-        &[("www.example.com", Answer::Address(IpAddr::V4(Ipv4Addr::new(127, 66, 0, 9))))],
+        &[(
+            "www.example.com",
+            Answer::Address(IpAddr::V4(Ipv4Addr::new(127, 66, 0, 9))),
+        )],
         60,
     )?;
     let cases = [
@@ -184,7 +212,11 @@ async fn main() -> anyhow::Result<()> {
         }
         learned_times.push(elapsed);
     }
-    dns.set("static.openai.azure.com", vec![Answer::Address(STATIC_TARGET.into())], 30);
+    dns.set(
+        "static.openai.azure.com",
+        vec![Answer::Address(STATIC_TARGET.into())],
+        30,
+    );
     let mut static_times = Vec::new();
     for _ in 0..ROUNDS {
         let (elapsed, redirected) = resolve_then_connect(&client, "static.openai.azure.com", STATIC_TARGET)?;
@@ -205,7 +237,11 @@ async fn main() -> anyhow::Result<()> {
     );
     println!(
         "target: in the map within 1 ms of reaching the socket: {} (inserted before delivery: {in_time}/{ROUNDS} in time)",
-        if in_time == u32::from(ROUNDS) { "met" } else { "NOT met" }
+        if in_time == u32::from(ROUNDS) {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
     drop(dns);
     drop(scenario);
