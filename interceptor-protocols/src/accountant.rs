@@ -146,6 +146,8 @@ struct Reader {
     framing: Framing,
     observation: Observation,
     output_seen: bool,
+    /// Events that carried generated output (a live, lower-bound count of output tokens).
+    output_events: u64,
     problem: Option<String>,
     parse_errors: u32,
 }
@@ -158,11 +160,15 @@ impl Reader {
             framing,
             observation,
             output_seen,
+            output_events,
             problem,
             parse_errors,
         } = self;
         let mut note = |result: Result<Signal, String>| match result {
-            Ok(signal) => *output_seen |= signal.output,
+            Ok(signal) => {
+                *output_seen |= signal.output;
+                *output_events += u64::from(signal.output);
+            }
             Err(e) => {
                 *parse_errors += 1;
                 problem.get_or_insert(e);
@@ -299,6 +305,7 @@ fn dummy_reader() -> Reader {
         framing: Framing::Skip,
         observation: Observation::default(),
         output_seen: false,
+        output_events: 0,
         problem: None,
         parse_errors: 0,
     }
@@ -363,6 +370,7 @@ impl ResponseAccountant {
             framing,
             observation: Observation::default(),
             output_seen: false,
+            output_events: 0,
             problem: None,
             parse_errors: 0,
         };
@@ -426,6 +434,12 @@ impl ResponseAccountant {
                 reader.kept_events.get_or_insert_with(KeptEvents::default);
             }
         }
+    }
+
+    /// Stream events so far that carried generated output: one per content delta, a live lower bound
+    /// of the output tokens (providers send one or a few tokens per delta).
+    pub fn output_events(&mut self) -> u64 {
+        self.decoder.as_mut().map_or(0, |d| d.reader().output_events)
     }
 
     /// Reads a chunk of the body as it passed to the client. Returns true when this chunk carried

@@ -2,7 +2,7 @@
 each SDK raised: its own exception class, the HTTP status, Retry-After, the rule header, and whether
 a call after waiting Retry-After succeeded.
 
-Usage: quota_sdks.py rate|denied  (the CA to trust comes from SSL_CERT_FILE)
+Usage: quota_sdks.py rate|denied|observe|stream  (the CA to trust comes from SSL_CERT_FILE)
 """
 import json
 import os
@@ -64,6 +64,29 @@ def denied(call, error_class):
         return error_facts(error)
 
 
+def streamed(error_class, run):
+    """Counts the text deltas of a stream and what ended it: completion or the SDK's own error."""
+    deltas = 0
+    try:
+        for _ in run():
+            deltas += 1
+        return {"deltas": deltas, "completed": True}
+    except error_class as error:
+        return {"deltas": deltas, "class": f"{type(error).__module__.split('.')[0]}.{type(error).__name__}",
+                "message": str(error)}
+
+
+def openai_stream():
+    for chunk in oai.chat.completions.create(model="long-stream", messages=ask, stream=True):
+        if chunk.choices and chunk.choices[0].delta.content:
+            yield chunk
+
+
+def anthropic_stream():
+    with ant.messages.stream(model="long-stream", max_tokens=4096, messages=ask) as stream:
+        yield from stream.text_stream
+
+
 results = {}
 if sys.argv[1] == "rate":
     results["openai"] = until_limited(openai_call, openai.RateLimitError)
@@ -72,6 +95,9 @@ elif sys.argv[1] == "denied":
     results["openai"] = denied(lambda: openai_call("o1-preview"), openai.NotFoundError)
     results["anthropic"] = denied(lambda: anthropic_call("claude-3-opus-20240229"), anthropic.NotFoundError)
     results["openai_allowed"] = openai_call().id
+elif sys.argv[1] == "stream":
+    results["openai"] = streamed(openai.APIError, openai_stream)
+    results["anthropic"] = streamed(anthropic.APIError, anthropic_stream)
 elif sys.argv[1] == "observe":
     results["ids"] = [openai_call().id for _ in range(3)]
 print(json.dumps(results))

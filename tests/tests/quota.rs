@@ -253,6 +253,73 @@ async fn a_reload_raises_a_limit_while_a_stream_is_in_flight_and_a_broken_edit_k
     }
 }
 
+/// A `hardBudgets` rule ends a running stream with the provider's own in-stream error event once its
+/// live output takes the daily token budget over the limit: each SDK raises its own API error mid
+/// stream. A pod under no such rule gets the whole stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hard_budgets_end_a_running_stream_with_the_providers_error_event() {
+    let api = FakeKubeApi::start().expect("fake API server");
+    let rules = "rules:
+  - name: team-a-hard-openai
+    match: {namespace: team-a}
+    providers: [openai]
+    limits: {tokensPerDay: 60, hardBudgets: true}
+  - name: team-a-hard-anthropic
+    match: {namespace: team-a}
+    providers: [anthropic]
+    limits: {tokensPerDay: 60, hardBudgets: true}
+";
+    let Some((s, pod_b)) = start(
+        "hard_budgets_end_a_running_stream_with_the_providers_error_event",
+        &api,
+        rules,
+    ) else {
+        return;
+    };
+    let full = tests::provider::openai::REPLY.len() * tests::provider::openai::LONG_STREAM_REPEATS;
+    let cut = s
+        .python_json_in(&s.pod, "quota_sdks.py", &["stream"])
+        .expect("sdk script");
+    for (sdk, class_prefix, rule) in [
+        ("openai", "openai.", "team-a-hard-openai"),
+        ("anthropic", "anthropic.", "team-a-hard-anthropic"),
+    ] {
+        let result = &cut[sdk];
+        assert!(
+            result["class"]
+                .as_str()
+                .is_some_and(|c| c.starts_with(class_prefix)),
+            "{sdk}: its own API error: {result}"
+        );
+        assert!(
+            result["message"].as_str().is_some_and(|m| m.contains(rule)),
+            "{sdk}: the message names the rule: {result}"
+        );
+        let deltas = result["deltas"].as_u64().unwrap_or(0) as usize;
+        assert!(
+            deltas > 0 && deltas < full,
+            "{sdk}: cut mid-stream after {deltas} of {full} deltas: {result}"
+        );
+        let decisions = s
+            .daemon
+            .metric_sum(
+                "interceptor_quota_decisions_total",
+                &[("rule", rule), ("outcome", "cut")],
+            )
+            .expect("scrape");
+        assert_eq!(decisions, 1.0, "{sdk}: one stream cut");
+    }
+
+    // team-b has no hard budget: the same streams run to their end.
+    let whole = s
+        .python_json_in(&pod_b, "quota_sdks.py", &["stream"])
+        .expect("sdk script");
+    for sdk in ["openai", "anthropic"] {
+        assert_eq!(whole[sdk]["completed"], true, "{sdk}: {whole}");
+        assert_eq!(whole[sdk]["deltas"].as_u64(), Some(full as u64), "{sdk}: {whole}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_keeps_the_days_token_budget() {
     if !tests::privileged_available("a_restart_keeps_the_days_token_budget") {

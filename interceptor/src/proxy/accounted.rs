@@ -14,6 +14,10 @@ use interceptor_protocols::strip::UsageChunkStripper;
 
 use super::exchange::Exchange;
 
+/// Output events between two checks of a stream against its hard budgets (bounds the cost: one
+/// quota lock per this many deltas).
+const HARD_CHECK_EVERY: u64 = 4;
+
 /// A provider response body that accounts for itself.
 pub struct Accounted<B> {
     inner: B,
@@ -22,6 +26,8 @@ pub struct Accounted<B> {
     stripper: Option<UsageChunkStripper>,
     /// Reused output buffer of the stripper.
     stripped: Vec<u8>,
+    /// Output events at the last hard-budget check; `None` when no hard budget watches the stream.
+    hard_checked: Option<u64>,
 }
 
 impl<B> Accounted<B> {
@@ -31,13 +37,33 @@ impl<B> Accounted<B> {
         accountant: ResponseAccountant,
         stripper: Option<UsageChunkStripper>,
     ) -> Self {
+        let hard_checked = (accountant.is_stream() && exchange.watches_hard_budgets()).then_some(0);
         Self {
             inner,
             exchange,
             accountant: Some(accountant),
             stripper,
             stripped: Vec::new(),
+            hard_checked,
         }
+    }
+
+    /// With a hard budget crossed by the stream's live output, the provider-shaped error event that
+    /// ends it (the stream is then finished, cut short, and the upstream body dropped).
+    fn hard_stop_event(&mut self) -> Option<Bytes> {
+        let checked = self.hard_checked?;
+        let live = self.accountant.as_mut()?.output_events();
+        if live < checked + HARD_CHECK_EVERY {
+            return None;
+        }
+        self.hard_checked = Some(live);
+        let stop = self.exchange.hard_stop(live)?;
+        let event = crate::quota::reject::stream_error_event(self.exchange.conn().adapter, &stop)?;
+        tracing::info!(rule = %stop.rule, limit = stop.limited.name(), live_output_events = live, "stream ended by a hard budget");
+        self.exchange
+            .fail(format!("ended by the hard budget of rule {}", stop.rule));
+        self.finish(false);
+        Some(Bytes::from(event))
     }
 
     fn finish(&mut self, complete: bool) {
@@ -114,6 +140,15 @@ where
                 // hyper stops polling once the body says it ended: finish now, as complete.
                 this.finish(true);
             }
+            let data = match this.hard_stop_event() {
+                None => data,
+                Some(event) => {
+                    let mut joined = Vec::with_capacity(data.len() + event.len());
+                    joined.extend_from_slice(&data);
+                    joined.extend_from_slice(&event);
+                    Bytes::from(joined)
+                }
+            };
             if data.is_empty() {
                 // Held until its event completes, or a removed usage chunk.
                 continue;

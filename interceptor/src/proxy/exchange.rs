@@ -208,6 +208,19 @@ impl Exchange {
     }
 
     /// The quota decision (and its reservation).
+    /// Whether a rule with hard budgets admitted this request (its stream is watched live).
+    pub fn watches_hard_budgets(&self) -> bool {
+        self.quota
+            .get()
+            .and_then(|q| q.permit.as_ref())
+            .is_some_and(Permit::has_hard_budgets)
+    }
+
+    /// The hard budget that `live_output_tokens` so far take over its limit, if any.
+    pub fn hard_stop(&self, live_output_tokens: u64) -> Option<crate::quota::HardStop> {
+        self.quota.get()?.permit.as_ref()?.hard_stop(live_output_tokens)
+    }
+
     pub fn quota(&self, verdict: QuotaVerdict) {
         let _ = self.quota.set(verdict);
     }

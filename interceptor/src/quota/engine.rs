@@ -218,6 +218,18 @@ struct Reservation {
     token_type: TokenType,
     tokens: f64,
     cost: f64,
+    /// Input tokens of the request (what a live count adds output to).
+    input: f64,
+    /// The rule's budgets may end a running stream (`hardBudgets`, enforce mode).
+    hard: bool,
+}
+
+/// A hard budget that a running stream's live output crossed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HardStop {
+    pub rule: Arc<str>,
+    pub limited: Limited,
+    pub message: String,
 }
 
 /// The rules and their counters. Counters are keyed by rule name, so they survive a reload that
@@ -565,11 +577,12 @@ impl QuotaEngine {
                     Mode::Observe => observed.push(rejection),
                 }
             }
-            planned.push((key, limits.token_type, tokens, cost));
+            let hard = limits.hard_budgets && rule.mode == Mode::Enforce;
+            planned.push((key, limits.token_type, tokens, cost, hard));
         }
         // Every enforcing rule allows it: reserve on all of them.
         let mut reservations = Vec::with_capacity(planned.len());
-        for (key, token_type, tokens, cost) in planned {
+        for (key, token_type, tokens, cost, hard) in planned {
             if let Some(entry) = state.get_mut(&key) {
                 reserve(entry, tokens, cost, now, unix);
             }
@@ -578,6 +591,8 @@ impl QuotaEngine {
                 token_type,
                 tokens,
                 cost,
+                input: demand.input_tokens as f64,
+                hard,
             });
         }
         drop(state);
@@ -596,6 +611,60 @@ impl QuotaEngine {
             },
             observed,
         }
+    }
+
+    /// The first hard budget that `live_output` tokens (so far, in a running stream) take over its
+    /// limit, counting every other reservation. A request admitted with room for its reservation
+    /// crosses only when it outgrows it; one admitted on an untouched budget whatever its estimate may
+    /// cross sooner. Live cost is the reservation's cost scaled by the live tokens over the reserved
+    /// ones.
+    fn hard_stop(&self, reservations: &[Reservation], live_output: f64) -> Option<HardStop> {
+        let state = self.state();
+        for reservation in reservations.iter().filter(|r| r.hard) {
+            let Some(entry) = state.get(&reservation.key) else {
+                continue;
+            };
+            let live_tokens = match reservation.token_type {
+                TokenType::Total => reservation.input + live_output,
+                TokenType::Input => reservation.input,
+                TokenType::Output => live_output,
+            };
+            let stop = |limited: Limited, what: &str| {
+                self.metrics.count(&reservation.key.rule, "cut", limited);
+                Some(HardStop {
+                    rule: reservation.key.rule.clone(),
+                    limited,
+                    message: format!(
+                        "The response was ended: it took the {what} of policy rule `{}` over its limit.",
+                        reservation.key.rule
+                    ),
+                })
+            };
+            if entry
+                .tokens_day
+                .as_ref()
+                .is_some_and(|b| b.crossed_by(reservation.tokens, live_tokens))
+            {
+                return stop(Limited::TokenBudget, "daily token budget");
+            }
+            let live_cost = if reservation.tokens > 0.0 {
+                reservation.cost * live_tokens / reservation.tokens
+            } else {
+                reservation.cost
+            };
+            for (budget, what) in [
+                (&entry.cost_day, "daily cost budget"),
+                (&entry.cost_month, "monthly cost budget"),
+            ] {
+                if budget
+                    .as_ref()
+                    .is_some_and(|b| b.crossed_by(reservation.cost, live_cost))
+                {
+                    return stop(Limited::CostBudget, what);
+                }
+            }
+        }
+        None
     }
 
     fn settle(&self, reservations: &[Reservation], usage: Option<&Usage>, cost_usd: f64) {
@@ -884,6 +953,17 @@ impl Permit {
     pub fn is_empty(&self) -> bool {
         self.reservations.is_empty()
     }
+
+    /// Whether a rule with hard budgets admitted the request (its stream is watched live).
+    pub fn has_hard_budgets(&self) -> bool {
+        self.reservations.iter().any(|r| r.hard)
+    }
+
+    /// The hard budget the stream's live output (tokens so far) crosses, if any.
+    pub fn hard_stop(&self, live_output_tokens: u64) -> Option<HardStop> {
+        self.engine
+            .hard_stop(&self.reservations, live_output_tokens as f64)
+    }
 }
 
 impl Drop for Permit {
@@ -1109,6 +1189,62 @@ mod tests {
         permit.settle(Some(&usage), 0.0);
         // 100 used, 900 left: a request reserving 500 fits, a second one does too (900 ≥ 1000 - 100).
         assert!(rejected(&decide(&engine, None, &demand("m", Some(400)))).is_none());
+    }
+
+    #[test]
+    fn hard_budgets_stop_a_stream_that_outgrows_its_reservation() {
+        let hard = engine("[{name: hard, limits: {tokensPerDay: 1000, hardBudgets: true}}]");
+        // Reserves 100 input + 400 output; another request holds 400 more.
+        let Decision::Allow { permit, .. } = decide(&hard, None, &demand("m", Some(400))) else {
+            panic!("allowed")
+        };
+        let Decision::Allow { permit: other, .. } = decide(&hard, None, &demand("m", Some(300))) else {
+            panic!("allowed")
+        };
+        assert!(permit.has_hard_budgets());
+        // Within its reservation, and up to the limit with the other one's reservation counted.
+        assert_eq!(permit.hard_stop(400), None);
+        assert_eq!(
+            permit.hard_stop(500),
+            None,
+            "100 + 500 + 400 = 1000: at the limit, not over"
+        );
+        let stop = permit.hard_stop(501).expect("crosses the daily budget");
+        assert_eq!((&*stop.rule, stop.limited), ("hard", Limited::TokenBudget));
+        assert!(stop.message.contains("`hard`"), "{}", stop.message);
+        // The other request settled small: more room for the stream.
+        other.settle(
+            Some(&Usage {
+                input_tokens: 100,
+                output_tokens: 0,
+                ..Usage::default()
+            }),
+            0.0,
+        );
+        assert_eq!(permit.hard_stop(700), None, "100 used + 100 + 700 = 900");
+        assert!(permit.hard_stop(801).is_some());
+
+        // Without `hardBudgets` (or in observe mode) a stream is never stopped.
+        let soft = engine(
+            "[{name: soft, limits: {tokensPerDay: 1000}}, {name: watch, mode: observe, limits: {tokensPerDay: 10, hardBudgets: true}}]",
+        );
+        let Decision::Allow { permit, .. } = decide(&soft, None, &demand("m", Some(400))) else {
+            panic!("allowed")
+        };
+        assert!(!permit.has_hard_budgets());
+        assert_eq!(permit.hard_stop(1_000_000), None);
+    }
+
+    #[test]
+    fn hard_cost_budgets_extrapolate_the_reserved_cost() {
+        // The test prices every token at 1e-6 USD: 500 reserved tokens cost 0.0005.
+        let spend = engine("[{name: spend, limits: {costPerDayUsd: 0.001, hardBudgets: true}}]");
+        let Decision::Allow { permit, .. } = decide(&spend, None, &demand("m", Some(400))) else {
+            panic!("allowed")
+        };
+        assert_eq!(permit.hard_stop(890), None, "990 tokens: under 0.001");
+        let stop = permit.hard_stop(1000).expect("over the daily cost budget");
+        assert_eq!(stop.limited, Limited::CostBudget);
     }
 
     #[test]

@@ -15,7 +15,8 @@ use prometheus::proto::MetricFamily;
 use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
 
 pub use engine::{
-    BudgetKind, BudgetRecord, BudgetUsage, Decision, Demand, Limited, Permit, QuotaEngine, Rejection,
+    BudgetKind, BudgetRecord, BudgetUsage, Decision, Demand, HardStop, Limited, Permit, QuotaEngine,
+    Rejection,
 };
 pub use spec::{Mode, Rule, RuleSpec};
 

@@ -110,6 +110,29 @@ pub fn response(adapter: Adapter, rejection: &Rejection) -> RejectionResponse {
     }
 }
 
+/// The last event of a stream ended by a hard budget, in the provider's own in-stream error shape
+/// (the SDKs raise their API error on it). `None` for Bedrock, whose binary event stream is not
+/// rewritten.
+pub fn stream_error_event(adapter: Adapter, stop: &super::HardStop) -> Option<String> {
+    let message = stop.message.as_str();
+    let event = match adapter {
+        Adapter::Anthropic => {
+            let body = json!({"type": "error", "error": {"type": "rate_limit_error", "message": message}});
+            format!("event: error\ndata: {body}\n\n")
+        }
+        Adapter::Gemini | Adapter::VertexAi => {
+            let body = json!({"error": {"code": 429, "message": message, "status": "RESOURCE_EXHAUSTED"}});
+            format!("data: {body}\n\n")
+        }
+        Adapter::Openai | Adapter::AzureOpenai | Adapter::OpenaiCompatible => {
+            let body = json!({"error": {"message": message, "type": "insufficient_quota", "param": null, "code": "insufficient_quota"}});
+            format!("data: {body}\n\n")
+        }
+        Adapter::Bedrock => return None,
+    };
+    Some(event)
+}
+
 fn insert(headers: &mut HeaderMap, name: &str, value: &str) {
     if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
         headers.insert(name, value);

@@ -94,6 +94,11 @@ pub struct LimitsSpec {
     pub max_tokens_per_request: Option<u64>,
     /// Output tokens reserved for a request that sets no `max_tokens` (default 1024).
     pub estimated_output_tokens: Option<u64>,
+    /// Hard budgets: a streamed response whose live output would take `tokensPerDay`,
+    /// `costPerDayUsd` or `costPerMonthUsd` over its limit is ended with the provider's own
+    /// in-stream error event (enforce mode only; not for Bedrock's binary event streams).
+    #[serde(default)]
+    pub hard_budgets: bool,
 }
 
 /// Default output reservation of a request without `max_tokens`.

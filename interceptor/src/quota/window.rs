@@ -235,6 +235,12 @@ impl Budget {
         self.used
     }
 
+    /// Whether a request that reserved `reserved` and has now consumed `live` takes the budget over
+    /// its limit (with every other reservation still counted).
+    pub fn crossed_by(&self, reserved: f64, live: f64) -> bool {
+        self.used + (self.reserved - reserved).max(0.0) + live > self.limit
+    }
+
     pub fn limit(&self) -> f64 {
         self.limit
     }

@@ -60,7 +60,12 @@ pub async fn messages(request: Request<Incoming>, ledger: &Ledger) -> Response<B
             ),
             event("ping", json!({"type": "ping"})),
         ];
-        events.extend(REPLY.iter().map(|piece| {
+        let repeats = if model == "long-stream" {
+            super::openai::LONG_STREAM_REPEATS
+        } else {
+            1
+        };
+        events.extend(REPLY.iter().cycle().take(REPLY.len() * repeats).map(|piece| {
             event("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}))
         }));
         events.push(event(

@@ -4,7 +4,8 @@
 //! Embeddings (float or base64). Every response carries `x-request-id`; JSON is gzip-compressed when
 //! the client accepts it. The model `rate-limited` gets a 429 with rate-limit headers; the model
 //! `broken-body` a 200 JSON body cut in the middle ([`BROKEN_BODY`]); the model `slow-stream`
-//! streams its chunks [`SLOW_INTERVAL`] apart.
+//! streams its chunks [`SLOW_INTERVAL`] apart; the model `long-stream` repeats the reply
+//! [`LONG_STREAM_REPEATS`] times.
 
 use std::time::Duration;
 
@@ -46,8 +47,21 @@ pub fn chat_usage(n: u64) -> (u64, u64, u64) {
     (1200 + n, 1024, 50 + n % 7)
 }
 
+/// How many times the model `long-stream` (OpenAI and Anthropic) repeats the reply in its stream.
+pub const LONG_STREAM_REPEATS: usize = 50;
+
 /// The chat completion SSE events for `model`, as OpenAI sends them.
 pub fn chat_stream_events(model: &str, include_usage: bool, usage: &Value) -> Vec<String> {
+    chat_stream_events_repeated(model, include_usage, usage, 1)
+}
+
+/// [`chat_stream_events`] with the reply deltas repeated `repeats` times.
+pub fn chat_stream_events_repeated(
+    model: &str,
+    include_usage: bool,
+    usage: &Value,
+    repeats: usize,
+) -> Vec<String> {
     let chunk = |delta: Value, finish: Value| {
         let mut chunk = json!({"id": "chatcmpl-sim1", "object": "chat.completion.chunk", "created": 1_732_400_000, "model": model,
                "system_fingerprint": "fp_sim", "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]});
@@ -63,6 +77,8 @@ pub fn chat_stream_events(model: &str, include_usage: bool, usage: &Value) -> Ve
     events.extend(
         REPLY
             .iter()
+            .cycle()
+            .take(REPLY.len() * repeats)
             .map(|piece| chunk(json!({"content": piece}), Value::Null)),
     );
     events.push(chunk(json!({}), json!("stop")));
@@ -134,7 +150,12 @@ pub async fn chat_completions(request: Request<Incoming>, ledger: &Ledger) -> Re
         );
         return with_request_id(response, &id);
     }
-    let events = chat_stream_events(&served, include_usage, &usage);
+    let repeats = if model == "long-stream" {
+        LONG_STREAM_REPEATS
+    } else {
+        1
+    };
+    let events = chat_stream_events_repeated(&served, include_usage, &usage, repeats);
     let interval = if model == "slow-stream" {
         SLOW_INTERVAL
     } else {
