@@ -625,34 +625,48 @@ impl Counters {
     }
 }
 
-/// Forwards aya-log records of the programs into `tracing` until `shutdown`.
+/// Registers a kernel ring buffer (which owns its map fd) with the tokio reactor.
 #[allow(unsafe_code)]
+pub fn register_ring<T: std::os::fd::AsRawFd>(ring: T) -> std::io::Result<AsyncFd<T>> {
+    // SAFETY: `ring` owns its map fd, which stays open and unchanged until `ring` is dropped, and the
+    // AsyncFd owns `ring`.
+    unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(std::io::Error::from)
+}
+
+/// Waits until the ring buffer is readable; `None` at `shutdown` or when polling failed (logged,
+/// naming `what`).
+pub async fn next_readable<'a, T: std::os::fd::AsRawFd>(
+    fd: &'a mut AsyncFd<T>,
+    shutdown: &tokio_util::sync::CancellationToken,
+    what: &str,
+) -> Option<tokio::io::unix::AsyncFdReadyMutGuard<'a, T>> {
+    let readable = tokio::select! {
+        _ = shutdown.cancelled() => return None,
+        readable = fd.readable_mut() => readable,
+    };
+    match readable {
+        Ok(guard) => Some(guard),
+        Err(e) => {
+            warn!(error = %e, "{what} failed; its events are lost from now on");
+            None
+        }
+    }
+}
+
+/// Forwards aya-log records of the programs into `tracing` until `shutdown`.
 pub async fn forward_logs(
     logger: aya_log::EbpfLogger<&'static dyn log::Log>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    // SAFETY: the logger owns its ring-buffer map fd, which stays open and unchanged until the logger
-    // is dropped, and the AsyncFd owns the logger.
-    let registered = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
-    let mut fd = match registered {
+    let mut fd = match register_ring(logger) {
         Ok(fd) => fd,
         Err(e) => {
             warn!(error = %e, "cannot poll the eBPF log buffer; eBPF logs are lost");
             return;
         }
     };
-    loop {
-        let readable = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            readable = fd.readable_mut() => readable,
-        };
-        let mut guard = match readable {
-            Ok(guard) => guard,
-            Err(e) => {
-                warn!(error = %e, "eBPF log buffer failed; eBPF logs are lost");
-                return;
-            }
-        };
+    while let Some(mut guard) = next_readable(&mut fd, &shutdown, "the eBPF log buffer").await {
         guard.get_inner_mut().flush();
         guard.clear_ready();
     }

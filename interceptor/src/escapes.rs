@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 use aya::maps::{MapData, RingBuf};
 use interceptor_ebpf::{SNI_EVENT_DOH, SNI_EVENT_DOT, SNI_EVENT_ESCAPED, SniEvent};
 use prometheus::{IntCounterVec, Opts, Registry};
-use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::cgroup::CgroupNames;
 use crate::kubernetes::{PodAttribution, PodRef};
@@ -129,31 +128,23 @@ impl EscapeReporter {
             return;
         }
         let cgroup = sender.cgroup.as_deref().unwrap_or("unknown");
-        if kind == "escaped" {
-            warn!(
-                domain,
-                %destination,
-                cgroup,
-                namespace = %sender.namespace,
-                pod = %sender.pod,
-                workload = %sender.workload,
-                uid = event.uid,
-                "TLS connection to a provider bypassed the proxy: its address is not a target (DNS over \
-                 HTTPS, a hard-coded address, or an answer the node did not see)"
-            );
+        let message = if kind == "escaped" {
+            "TLS connection to a provider bypassed the proxy: its address is not a target (DNS over HTTPS, \
+             a hard-coded address, or an answer the node did not see)"
         } else {
-            info!(
-                kind,
-                domain,
-                %destination,
-                cgroup,
-                namespace = %sender.namespace,
-                pod = %sender.pod,
-                workload = %sender.workload,
-                uid = event.uid,
-                "encrypted DNS in use: provider addresses this workload resolves are not learned"
-            );
-        }
+            "encrypted DNS in use: provider addresses this workload resolves are not learned"
+        };
+        warn!(
+            kind,
+            domain,
+            %destination,
+            cgroup,
+            namespace = %sender.namespace,
+            pod = %sender.pod,
+            workload = %sender.workload,
+            uid = event.uid,
+            "{message}"
+        );
     }
 
     fn should_log(&self, event: &SniEvent) -> bool {
@@ -201,31 +192,18 @@ impl EscapeReporter {
 }
 
 /// Reads the event ring buffer until `shutdown`.
-#[allow(unsafe_code)]
 pub async fn run(ring: RingBuf<MapData>, reporter: EscapeReporter, shutdown: CancellationToken) {
     let reporter = Arc::new(reporter);
-    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until it is dropped,
-    // and the AsyncFd owns the ring buffer.
-    let registered = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
-    let mut fd = match registered {
+    let mut fd = match crate::ebpf::register_ring(ring) {
         Ok(fd) => fd,
         Err(e) => {
             warn!(error = %e, "cannot poll the ClientHello event buffer; escaped connections are only counted");
             return;
         }
     };
-    loop {
-        let readable = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            readable = fd.readable_mut() => readable,
-        };
-        let mut guard = match readable {
-            Ok(guard) => guard,
-            Err(e) => {
-                warn!(error = %e, "ClientHello event buffer failed; escaped connections are only counted");
-                return;
-            }
-        };
+    while let Some(mut guard) =
+        crate::ebpf::next_readable(&mut fd, &shutdown, "the ClientHello event buffer").await
+    {
         let mut batch = Vec::new();
         {
             let ring = guard.get_inner_mut();

@@ -25,13 +25,16 @@ pub const OTHER_HOST: &str = "other.example.com";
 /// The Gemini API host (served by the simulated provider).
 pub const GEMINI_HOST: &str = "generativelanguage.googleapis.com";
 
+/// The first lines of the test policies: the format, without the built-in provider catalog.
+pub const POLICY_HEADER: &str = "apiVersion: interceptor.dev/v1alpha1
+kind: InterceptorPolicy
+builtinProviders: false
+";
+
 /// A policy intercepting `api.openai.com` and `api.anthropic.com` on the simulated provider addresses.
 pub fn policy(failure_mode: &str) -> String {
     format!(
-        "apiVersion: interceptor.dev/v1alpha1
-kind: InterceptorPolicy
-builtinProviders: false
-providers:
+        "{POLICY_HEADER}providers:
   - domain: api.openai.com
     addresses: [{PROVIDER_V4}, \"{PROVIDER_V6}\"]
     ports: [443, {SINK_PORT}]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tests::dns::{Answer, DnsServer, malformed_responses};
 use tests::node::{OTHER_V4, PROVIDER_V4, PROVIDER_V6, Pod};
-use tests::scenario::Scenario;
+use tests::scenario::{POLICY_HEADER, Scenario};
 
 const URL: &str = "https://api.openai.com/v1/models";
 /// The test resolver: the provider namespace's own interface address (routed from the pods).
@@ -25,10 +25,7 @@ const GRACE_S: u64 = 2;
 /// No static addresses and no resolvable host DNS: every target comes from the pods' answers.
 fn learning_policy() -> String {
     format!(
-        "apiVersion: interceptor.dev/v1alpha1
-kind: InterceptorPolicy
-builtinProviders: false
-providers:
+        "{POLICY_HEADER}providers:
   - domain: api.openai.com
   - domain: \"*.openai.azure.com\"
 discovery:

@@ -129,7 +129,7 @@ fn doctor_passes_with_the_daemonset_settings_and_capabilities() {
     assert!(
         check(&checks, "ebpf")["detail"]
             .as_str()
-            .is_some_and(|d| d.contains("verified 5 programs"))
+            .is_some_and(|d| d.contains("verified 7 programs"))
     );
     assert!(
         check(&checks, "ca")["detail"]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use tests::dns::{Answer, DnsServer, response};
-use tests::scenario::Scenario;
+use tests::scenario::{POLICY_HEADER, Scenario};
 
 const RESOLVER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 53);
 /// A static target (from the policy) for the baseline of the race.
@@ -26,10 +26,7 @@ const TEST_RUN_REPEAT: &str = "200000";
 
 fn policy() -> String {
     format!(
-        "apiVersion: interceptor.dev/v1alpha1
-kind: InterceptorPolicy
-builtinProviders: false
-providers:
+        "{POLICY_HEADER}providers:
   - domain: api.openai.com
   - domain: static.openai.azure.com
     adapter: azure-openai
