@@ -91,7 +91,7 @@ async fn status_shows_programs_targets_top_identities_rules_and_rejections() {
     println!("{text}");
     assert!(output.status.success(), "{output:?}");
     assert!(
-        text.contains("Programs attached (5): redirect_connect4"),
+        text.contains("Programs attached (7): redirect_connect4"),
         "{text}"
     );
     assert!(

@@ -95,13 +95,17 @@ pub enum StatusError {
     Http(PathBuf, String),
 }
 
-/// Binds the admin socket: a 0700 directory, the socket 0600; a stale socket is replaced.
+/// Binds the admin socket (0600); a directory it needs is created 0700, an existing one is left as
+/// it is (it may be shared, like `/tmp`); a stale socket is replaced.
 pub fn bind(path: &Path) -> Result<UnixListener, StatusError> {
-    use std::os::unix::fs::PermissionsExt as _;
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
     let socket_error = |e| StatusError::Socket(path.to_owned(), e);
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(socket_error)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(socket_error)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(socket_error)?;
     }
     match std::fs::remove_file(path) {
         Ok(()) => debug!(path = %path.display(), "removed a stale admin socket"),
@@ -191,4 +195,38 @@ pub async fn fetch(path: &Path) -> Result<Status, StatusError> {
         return Err(http(format!("{status}: {}", String::from_utf8_lossy(&body))));
     }
     serde_json::from_slice(&body).map_err(|e| http(format!("unreadable status: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path)
+            .map(|m| m.permissions().mode() & 0o7777)
+            .unwrap_or(0)
+    }
+
+    /// An existing directory keeps its mode (the daemon once made a shared `/tmp` 0700); a missing
+    /// one is created 0700; the socket is 0600.
+    #[tokio::test]
+    async fn bind_leaves_an_existing_directory_alone() {
+        let shared = std::env::temp_dir().join(format!("ict-admin-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&shared);
+        std::fs::create_dir_all(&shared).expect("dir");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        let socket = shared.join("admin.sock");
+        let listener = bind(&socket).expect("bind");
+        assert_eq!(mode(&shared), 0o1777, "an existing directory is not changed");
+        assert_eq!(mode(&socket), 0o600);
+        drop(listener);
+
+        let private = shared.join("run/interceptor");
+        let listener = bind(&private.join("admin.sock")).expect("bind");
+        assert_eq!(mode(&private), 0o700, "a created directory is private");
+        drop(listener);
+        let _ = std::fs::remove_dir_all(&shared);
+    }
 }
