@@ -46,8 +46,13 @@ fn start(test: &str) -> Option<(Scenario, DnsServer)> {
 /// A pod without a hosts entry for the provider, resolving through the test resolver (`options`
 /// lines of resolv.conf, e.g. `use-vc` for DNS over TCP).
 fn resolving_pod(s: &mut Scenario, name: &str, options: &str) -> Pod {
+    resolving_pod_via(s, name, RESOLVER.into(), options)
+}
+
+/// [`resolving_pod`] with the resolver at `resolver`.
+fn resolving_pod_via(s: &mut Scenario, name: &str, resolver: IpAddr, options: &str) -> Pod {
     let pod = s.node.add_pod(name, &[]).expect("pod");
-    let conf = format!("nameserver {RESOLVER}\noptions timeout:2 attempts:2 {options}\n");
+    let conf = format!("nameserver {resolver}\noptions timeout:2 attempts:2 {options}\n");
     std::fs::write(format!("/etc/netns/{}/resolv.conf", pod.netns), conf).expect("resolv.conf");
     pod
 }
@@ -195,6 +200,30 @@ async fn cname_chains_aaaa_answers_and_dns_over_tcp_are_followed() {
         SocketAddr::new(PROVIDER_V4.into(), 443),
         &["-4"],
     );
+}
+
+/// A resolver reached over IPv6 (a node-local cache or a sidecar on the pod's own `::1`): answers in
+/// IPv6 packets, over UDP and over TCP, are learned too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_arriving_over_ipv6_are_learned() {
+    let Some((mut s, _dns)) = start("answers_arriving_over_ipv6_are_learned") else {
+        return;
+    };
+    let resolver6: IpAddr = "::1".parse().expect("address");
+    let v6_pod = resolving_pod_via(&mut s, "pod-v6", resolver6, "");
+    let pod_netns = tests::node::ProviderNetns {
+        netns: v6_pod.netns.clone(),
+    };
+    let dns6 = DnsServer::start(&pod_netns, resolver6).expect("IPv6 resolver in the pod");
+    dns6.set("api.openai.com", vec![Answer::Address(PROVIDER_V6.into())], 30);
+    intercepted_request(&mut s, &v6_pod, SocketAddr::new(PROVIDER_V6.into(), 443), &["-6"]);
+    dns6.set("api.openai.com", vec![Answer::Address(PROVIDER_V4.into())], 30);
+    std::fs::write(
+        format!("/etc/netns/{}/resolv.conf", v6_pod.netns),
+        format!("nameserver {resolver6}\noptions timeout:2 attempts:2 use-vc\n"),
+    )
+    .expect("resolv.conf");
+    intercepted_request(&mut s, &v6_pod, SocketAddr::new(PROVIDER_V4.into(), 443), &["-4"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
