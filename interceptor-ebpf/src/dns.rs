@@ -9,6 +9,7 @@
 //! has a constant bound.
 
 use crate::names::{NAME_MASK, NAME_MAX, lower};
+use crate::opaque;
 
 /// Size of the message buffer. At most `DNS_MAX - 1` bytes are examined (longer messages are read up
 /// to there), so every in-bounds offset survives masking with [`DNS_MASK`] unchanged.
@@ -71,50 +72,42 @@ pub struct ParseWork {
 impl ParseWork {
     #[inline(always)]
     fn len(&self) -> usize {
-        // SAFETY: volatile read of our own field.
-        unsafe { core::ptr::read_volatile(&self.len) as usize & DNS_MASK }
+        opaque::get(&self.len) as usize & DNS_MASK
     }
 
     #[inline(always)]
     fn set_len(&mut self, value: usize) {
-        // SAFETY: volatile write of our own field.
-        unsafe { core::ptr::write_volatile(&mut self.len, value as u32) }
+        opaque::set(&mut self.len, value as u32);
     }
 
     #[inline(always)]
     fn at(&self) -> usize {
-        // SAFETY: volatile read of our own field.
-        unsafe { core::ptr::read_volatile(&self.at) as usize & DNS_MASK }
+        opaque::get(&self.at) as usize & DNS_MASK
     }
 
     #[inline(always)]
     fn set_at(&mut self, value: usize) {
-        // SAFETY: volatile write of our own field.
-        unsafe { core::ptr::write_volatile(&mut self.at, value as u32) }
+        opaque::set(&mut self.at, value as u32);
     }
 
     #[inline(always)]
     fn out(&self) -> usize {
-        // SAFETY: volatile read of our own field.
-        unsafe { core::ptr::read_volatile(&self.out) as usize }
+        opaque::get(&self.out) as usize
     }
 
     #[inline(always)]
     fn set_out(&mut self, value: usize) {
-        // SAFETY: volatile write of our own field.
-        unsafe { core::ptr::write_volatile(&mut self.out, value as u32) }
+        opaque::set(&mut self.out, value as u32);
     }
 
     #[inline(always)]
     fn label_left(&self) -> u8 {
-        // SAFETY: volatile read of our own field.
-        unsafe { core::ptr::read_volatile(&self.label_left) as u8 }
+        opaque::get(&self.label_left) as u8
     }
 
     #[inline(always)]
     fn set_label_left(&mut self, value: u8) {
-        // SAFETY: volatile write of our own field.
-        unsafe { core::ptr::write_volatile(&mut self.label_left, u32::from(value)) }
+        opaque::set(&mut self.label_left, u32::from(value));
     }
 }
 
@@ -146,10 +139,13 @@ pub struct Record {
 
 #[inline(always)]
 fn byte(msg: &[u8; DNS_MAX], len: usize, at: usize) -> Result<u8, DnsError> {
-    if at >= len {
-        return Err(DnsError::Truncated);
-    }
-    Ok(msg[at & DNS_MASK])
+    byte_at(msg, len, at).ok_or(DnsError::Truncated)
+}
+
+/// The byte at `at` of `msg[..len]`; the mask keeps the index provably in bounds for the verifier.
+#[inline(always)]
+pub(crate) fn byte_at(msg: &[u8; DNS_MAX], len: usize, at: usize) -> Option<u8> {
+    (at < len).then(|| msg[at & DNS_MASK])
 }
 
 #[inline(always)]

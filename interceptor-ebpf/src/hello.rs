@@ -36,10 +36,7 @@ impl core::error::Error for HelloError {}
 
 #[inline(always)]
 fn byte(msg: &[u8; DNS_MAX], len: usize, at: usize) -> Result<u8, HelloError> {
-    if at >= len {
-        return Err(HelloError::Truncated);
-    }
-    Ok(msg[at & DNS_MASK])
+    crate::dns::byte_at(msg, len, at).ok_or(HelloError::Truncated)
 }
 
 #[inline(always)]

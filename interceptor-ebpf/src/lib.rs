@@ -9,6 +9,7 @@
 pub mod dns;
 pub mod hello;
 pub mod names;
+pub mod opaque;
 
 pub use names::{WatchedPattern, WatchedSuffix};
 
@@ -225,27 +226,31 @@ impl Scratch {
     /// Records how many bytes `msg` holds.
     #[inline(always)]
     pub fn set_msg_len(&mut self, value: usize) {
-        // SAFETY: volatile write of our own field.
-        unsafe { core::ptr::write_volatile(&mut self.msg_len, value as u32) }
+        opaque::set(&mut self.msg_len, value as u32);
     }
 
-    /// How many bytes `msg` holds, read from memory each time (see `opaque_name_len`).
+    /// How many bytes `msg` holds, read from memory each time (see [`opaque`]).
     #[inline(always)]
     pub fn msg_len(&self) -> usize {
-        // SAFETY: volatile read of our own field.
-        unsafe { core::ptr::read_volatile(&self.msg_len) as usize & dns::DNS_MASK }
+        opaque::get(&self.msg_len) as usize & dns::DNS_MASK
     }
 
-    /// Stores `value` and reads it back through memory: the verifier then sees an unknown value
-    /// instead of one precise constant per path, so the code after a loop is verified once rather
-    /// than once per way out of the loop.
+    /// Stores a name length and reads it back through memory (see [`opaque`]).
     #[inline(always)]
     pub fn opaque_name_len(&mut self, value: usize) -> usize {
-        // SAFETY: volatile accesses to our own field.
-        unsafe {
-            core::ptr::write_volatile(&mut self.name_len, value as u32);
-            core::ptr::read_volatile(&self.name_len) as usize
-        }
+        opaque::set(&mut self.name_len, value as u32);
+        opaque::get(&self.name_len) as usize
+    }
+
+    /// Offset of the next DNS record (see [`opaque`]).
+    #[inline(always)]
+    pub fn cursor(&self) -> usize {
+        opaque::get(&self.cursor) as usize
+    }
+
+    #[inline(always)]
+    pub fn set_cursor(&mut self, value: usize) {
+        opaque::set(&mut self.cursor, value as u32);
     }
 }
 

@@ -515,14 +515,13 @@ fn try_learn_dns(ctx: &SkBuffContext) -> Option<()> {
     count(COUNTER_DNS_WATCHED);
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    scratch.cursor = question.next as u32;
+    scratch.set_cursor(question.next);
     let mut index = 0;
     while index < MAX_ANSWERS {
         if index >= question.answers as usize {
             break;
         }
-        // SAFETY: reading our own scratch field; volatile so the offset is reloaded from memory.
-        let at = unsafe { core::ptr::read_volatile(&scratch.cursor) } as usize;
+        let at = scratch.cursor();
         let record = match dns::parse_record(&scratch.msg, scratch.msg_len(), at, &mut scratch.work) {
             Ok(record) => record,
             Err(error) => {
@@ -530,8 +529,7 @@ fn try_learn_dns(ctx: &SkBuffContext) -> Option<()> {
                 break;
             }
         };
-        // SAFETY: writing our own scratch field.
-        unsafe { core::ptr::write_volatile(&mut scratch.cursor, record.next as u32) };
+        scratch.set_cursor(record.next);
         if let Some(addr) = dns::record_address(&scratch.msg, scratch.msg_len(), &record) {
             let ttl = if record.ttl > config.dns_max_ttl_s {
                 config.dns_max_ttl_s

@@ -120,8 +120,7 @@ impl Candidates {
     /// into the code after it.
     #[inline(always)]
     fn len(&self) -> usize {
-        // SAFETY: volatile read of our own field.
-        unsafe { core::ptr::read_volatile(&self.len) as usize }
+        crate::opaque::get(&self.len) as usize
     }
 }
 
@@ -153,8 +152,7 @@ pub fn match_name<T: SuffixTable>(
     if len == 0 || len >= NAME_MAX {
         return None;
     }
-    // SAFETY: volatile write of our own field (see `Candidates::len`).
-    unsafe { core::ptr::write_volatile(&mut candidates.len, len as u32) };
+    crate::opaque::set(&mut candidates.len, len as u32);
     // Forward hashes of the first bytes, for patterns with text before the `*`.
     let mut hash = FNV_OFFSET;
     candidates.prefix[0] = hash;
@@ -179,8 +177,7 @@ pub fn match_name<T: SuffixTable>(
         let byte = name[at];
         hash = fnv_step(hash, byte);
         if at == 0 || byte == b'.' || byte == b'-' {
-            // SAFETY: volatile read of our own field (kept opaque to the eBPF verifier).
-            let n = unsafe { core::ptr::read_volatile(&candidates.count) } as usize;
+            let n = crate::opaque::get(&candidates.count) as usize;
             if n < MAX_SUFFIX_LOOKUPS {
                 candidates.hash[n & (MAX_SUFFIX_LOOKUPS - 1)] = hash;
                 candidates.at[n & (MAX_SUFFIX_LOOKUPS - 1)] = at as u32;
@@ -189,8 +186,7 @@ pub fn match_name<T: SuffixTable>(
         }
         step += 1;
     }
-    // SAFETY: volatile read of our own field (kept opaque to the eBPF verifier).
-    let count = unsafe { core::ptr::read_volatile(&candidates.count) } as usize;
+    let count = crate::opaque::get(&candidates.count) as usize;
     // Longest suffix first: the whole name (an exact domain), then the most specific wildcard.
     let mut i = 0;
     while i < MAX_SUFFIX_LOOKUPS {
