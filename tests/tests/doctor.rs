@@ -9,13 +9,17 @@ use std::process::Output;
 use serde_json::Value;
 use tests::manifests::{Rendered, setpriv_with};
 
-/// A directory with the files the DaemonSet mounts: the policy ConfigMap and the CA Secret.
+/// A directory with what the DaemonSet mounts: the policy ConfigMap, the CA Secret and, for its
+/// `/sys/fs/bpf` hostPath, a BPF filesystem of its own (a node has one there; this machine may not,
+/// and the test must not depend on what other tests left mounted).
 struct Mounts {
     dir: PathBuf,
+    bpffs: PathBuf,
 }
 
 impl Mounts {
     fn new(test: &str) -> Self {
+        remove_stale_bpffs_mounts();
         let dir = std::env::temp_dir().join(format!("ict-doctor-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("policy")).expect("policy dir");
@@ -33,7 +37,17 @@ impl Mounts {
         std::fs::copy(dir.join("dev-ca/ca.key"), dir.join("ca/tls.key")).expect("copy key");
         std::fs::set_permissions(dir.join("ca/tls.key"), std::fs::Permissions::from_mode(0o400))
             .expect("chmod");
-        Self { dir }
+        let bpffs = dir.join("bpffs");
+        std::fs::create_dir_all(&bpffs).expect("bpffs dir");
+        nix::mount::mount(
+            Some("bpf"),
+            &bpffs,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap_or_else(|e| panic!("mount -t bpf bpf {}: {e}", bpffs.display()));
+        Self { dir, bpffs }
     }
 
     /// The DaemonSet's arguments (after `run`) with its mount paths mapped to this machine and the
@@ -47,6 +61,7 @@ impl Mounts {
                     "/var/lib/interceptor",
                     self.dir.join("state").display().to_string(),
                 ),
+                ("/sys/fs/bpf", self.bpffs.display().to_string()),
                 ("$(NODE_IP):9464", "127.0.0.1:0".to_owned()),
                 ("$(NODE_IP)", "127.0.0.1".to_owned()),
             ])
@@ -57,8 +72,30 @@ impl Mounts {
     }
 }
 
+/// Unmounts the BPF filesystems a crashed run of these tests left in its directories.
+fn remove_stale_bpffs_mounts() {
+    let own = std::process::id().to_string();
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let prefix = std::env::temp_dir().join("ict-doctor-");
+    for mount_point in mountinfo.lines().filter_map(|l| l.split(' ').nth(4)) {
+        let path = PathBuf::from(mount_point);
+        let stale = mount_point.starts_with(&*prefix.to_string_lossy())
+            && path.ends_with("bpffs")
+            && !mount_point.contains(&format!("-{own}/"));
+        if stale {
+            let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+}
+
 impl Drop for Mounts {
     fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.bpffs, nix::mount::MntFlags::MNT_DETACH);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

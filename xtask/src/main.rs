@@ -181,6 +181,7 @@ fn test(root: &std::path::Path) -> anyhow::Result<()> {
     let unit = sh::cargo_test(
         &[
             "test",
+            "--no-fail-fast",
             "--package",
             "interceptor",
             "--package",
@@ -193,7 +194,15 @@ fn test(root: &std::path::Path) -> anyhow::Result<()> {
     );
     // Integration and privileged end-to-end tests share kernel state: one at a time.
     let e2e = sh::cargo_test(
-        &["test", "--package", "tests", "--", "--test-threads=1"],
+        // Every test binary runs even when one fails, so the totals tell the whole story.
+        &[
+            "test",
+            "--no-fail-fast",
+            "--package",
+            "tests",
+            "--",
+            "--test-threads=1",
+        ],
         &[
             ("INTERCEPTOR_BIN", binary.to_string_lossy().as_ref()),
             (
