@@ -113,7 +113,8 @@ impl Cost {
 /// The price of a model, found under the name `priced_as`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PricedModel {
-    pub priced_as: String,
+    /// Shared: a resolved price is handed out per request without copying its name.
+    pub priced_as: std::sync::Arc<str>,
     price: ModelPrice,
 }
 
@@ -225,7 +226,7 @@ impl PriceTable {
             let name = prices.aliases.get(&candidate).unwrap_or(&candidate);
             if let Some(price) = prices.models.get(name) {
                 return Some(PricedModel {
-                    priced_as: name.clone(),
+                    priced_as: name.as_str().into(),
                     price: *price,
                 });
             }
@@ -395,7 +396,7 @@ mod tests {
             let priced = table
                 .lookup(provider, model)
                 .unwrap_or_else(|| panic!("{provider}/{model} has a price"));
-            assert_eq!(priced.priced_as, family, "{provider}/{model}");
+            assert_eq!(&*priced.priced_as, family, "{provider}/{model}");
         }
         assert!(table.lookup("openai", "gpt-unknown-9").is_none());
         assert!(table.lookup("nobody", "gpt-4o").is_none());
@@ -453,7 +454,7 @@ mod tests {
         assert_eq!(
             table
                 .lookup("mistral", "mistral-large-latest")
-                .map(|p| p.priced_as),
+                .map(|p| p.priced_as.to_string()),
             Some("mistral-large".into())
         );
         let dangling: HashMap<String, ProviderPricesSpec> =

@@ -13,7 +13,7 @@ use prometheus::{CounterVec, HistogramOpts, HistogramVec, IntCounter, IntCounter
 use tokio::sync::Semaphore;
 
 use crate::genai_metrics::{GenAiMetrics, Operation, operation_name, provider_name as genai_provider_name};
-use crate::metric_labels::{IdentityLabels, IdentityValues, MAX_LABELS, SeriesCap};
+use crate::metric_labels::{CappedVec, IdentityLabels, IdentityValues, MAX_LABELS};
 use crate::policy::{Policy, StreamUsage};
 
 /// Accounting settings shared by every connection.
@@ -21,8 +21,9 @@ pub struct AccountingSettings {
     /// Bodies are read for accounting (the policy's `accounting.enabled`).
     pub enabled: bool,
     pub prices: PriceTable,
-    /// Resolved (provider, model) → price, so dated names are normalised once, not per request.
-    resolved: RwLock<HashMap<(String, String), Option<PricedModel>>>,
+    /// Resolved provider → model → price, so dated names are normalised once, not per request (and a
+    /// lookup allocates nothing).
+    resolved: RwLock<HashMap<Box<str>, HashMap<Box<str>, Option<PricedModel>>>>,
     pub stream_usage: StreamUsage,
     pub max_request_body: u64,
     /// Request-body memory left, in KiB permits.
@@ -82,9 +83,8 @@ impl AccountingSettings {
 
     /// The price of `model` for `provider`, from the cache or the table.
     fn resolve(&self, provider: &str, adapter: Adapter, model: &str) -> Option<PricedModel> {
-        let key = (provider.to_owned(), model.to_owned());
         if let Ok(resolved) = self.resolved.read()
-            && let Some(found) = resolved.get(&key)
+            && let Some(found) = resolved.get(provider).and_then(|models| models.get(model))
         {
             return found.clone();
         }
@@ -102,10 +102,13 @@ impl AccountingSettings {
             .find_map(|section| self.prices.lookup(section, model));
         if let Ok(mut resolved) = self.resolved.write() {
             // Model names come from traffic: keep the cache bounded.
-            if resolved.len() >= RESOLVED_CACHE_ENTRIES {
+            if resolved.values().map(HashMap::len).sum::<usize>() >= RESOLVED_CACHE_ENTRIES {
                 resolved.clear();
             }
-            resolved.insert(key, found.clone());
+            resolved
+                .entry(provider.into())
+                .or_default()
+                .insert(model.into(), found.clone());
         }
         found
     }
@@ -118,7 +121,7 @@ const RESOLVED_CACHE_ENTRIES: usize = 4096;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Priced {
     Priced {
-        priced_as: String,
+        priced_as: Arc<str>,
         cost: interceptor_protocols::Cost,
     },
     /// Tokens are known but the model has no price: the cost is unknown, never guessed.
@@ -142,13 +145,10 @@ pub struct AccountingMetrics {
     /// Identity labels in use and their per-family caps.
     pub labels: Arc<IdentityLabels>,
     pub genai: GenAiMetrics,
-    requests_cap: SeriesCap,
-    tokens_cap: SeriesCap,
-    cost_cap: SeriesCap,
-    pub requests: IntCounterVec,
+    requests: CappedVec<IntCounterVec>,
     pub usage: IntCounterVec,
-    pub tokens: IntCounterVec,
-    pub cost: CounterVec,
+    tokens: CappedVec<IntCounterVec>,
+    cost: CappedVec<CounterVec>,
     pub unpriced: IntCounterVec,
     pub time_to_first_token: HistogramVec,
     pub provider_errors: IntCounterVec,
@@ -238,14 +238,11 @@ impl AccountingMetrics {
         }
         Ok(Self {
             genai: GenAiMetrics::register(registry, &labels)?,
-            requests_cap: labels.cap("interceptor_provider_requests_total"),
-            tokens_cap: labels.cap("interceptor_tokens_total"),
-            cost_cap: labels.cap("interceptor_cost_usd_total"),
+            requests: labels.family("interceptor_provider_requests_total", requests),
+            tokens: labels.family("interceptor_tokens_total", tokens),
+            cost: labels.family("interceptor_cost_usd_total", cost),
             labels,
-            requests,
             usage,
-            tokens,
-            cost,
             unpriced,
             time_to_first_token,
             provider_errors,
@@ -265,7 +262,7 @@ impl AccountingMetrics {
         let requested = label_value(exchange.requested_model.unwrap_or(""));
         let response_model = label_value(exchange.response_model.unwrap_or(""));
         let family = match exchange.priced {
-            Priced::Priced { priced_as, .. } => priced_as.as_str(),
+            Priced::Priced { priced_as, .. } => &**priced_as,
             _ => "unpriced",
         };
         let request_model = if family == "unpriced" { &*requested } else { family };
@@ -277,8 +274,7 @@ impl AccountingMetrics {
             status_class(exchange.status),
         ];
         let n = labels.values(&mut buffer, &fixed, identity);
-        self.requests_cap.admit(&mut buffer[..n], labels.count());
-        self.requests.with_label_values(&buffer[..n]).inc();
+        self.requests.get(&buffer[..n]).inc();
         let result = accounting.map_or(UsageStatus::NotReported, |a| a.status);
         self.usage.with_label_values(&[provider, result.name()]).inc();
         let error_type = accounting
@@ -317,8 +313,7 @@ impl AccountingMetrics {
         match exchange.priced {
             Priced::Priced { priced_as, cost } => {
                 let n = labels.values(&mut buffer, &[provider, priced_as], identity);
-                self.cost_cap.admit(&mut buffer[..n], labels.count());
-                self.cost.with_label_values(&buffer[..n]).inc_by(cost.usd());
+                self.cost.get(&buffer[..n]).inc_by(cost.usd());
             }
             _ => self.unpriced.with_label_values(&[provider]).inc(),
         }
@@ -336,8 +331,7 @@ impl AccountingMetrics {
         ] {
             if count > 0 {
                 let n = labels.values(&mut buffer, &[provider, family, kind, estimated], identity);
-                self.tokens_cap.admit(&mut buffer[..n], labels.count());
-                self.tokens.with_label_values(&buffer[..n]).inc_by(count);
+                self.tokens.get(&buffer[..n]).inc_by(count);
             }
         }
     }
@@ -442,7 +436,7 @@ mod tests {
             Some(&usage),
         );
         assert!(
-            matches!(&mini, Priced::Priced { priced_as, .. } if priced_as == "gpt-4o-mini"),
+            matches!(&mini, Priced::Priced { priced_as, .. } if &**priced_as == "gpt-4o-mini"),
             "{mini:?}"
         );
         let claude = settings.price(
@@ -452,7 +446,7 @@ mod tests {
             Some(&usage),
         );
         assert!(
-            matches!(&claude, Priced::Priced { priced_as, .. } if priced_as == "claude-sonnet-4"),
+            matches!(&claude, Priced::Priced { priced_as, .. } if &**priced_as == "claude-sonnet-4"),
             "{claude:?}"
         );
         assert_eq!(

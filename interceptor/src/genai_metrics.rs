@@ -6,7 +6,7 @@
 use interceptor_protocols::{Adapter, EndpointKind};
 use prometheus::{HistogramOpts, HistogramVec, Registry};
 
-use crate::metric_labels::{IdentityLabels, IdentityValues, MAX_LABELS, SeriesCap};
+use crate::metric_labels::{CappedVec, IdentityLabels, IdentityValues, MAX_LABELS};
 
 /// `gen_ai.client.token.usage` bucket boundaries (semantic conventions).
 const TOKEN_BUCKETS: [f64; 14] = [
@@ -74,12 +74,9 @@ pub struct Operation<'a> {
 /// The three GenAI client histograms.
 #[derive(Clone)]
 pub struct GenAiMetrics {
-    token_usage: HistogramVec,
-    duration: HistogramVec,
-    first_chunk: HistogramVec,
-    token_cap: SeriesCap,
-    duration_cap: SeriesCap,
-    first_chunk_cap: SeriesCap,
+    token_usage: CappedVec<HistogramVec>,
+    duration: CappedVec<HistogramVec>,
+    first_chunk: CappedVec<HistogramVec>,
 }
 
 const COMMON: [&str; 5] = [
@@ -125,12 +122,9 @@ impl GenAiMetrics {
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(first_chunk.clone()))?;
         Ok(Self {
-            token_usage,
-            duration,
-            first_chunk,
-            token_cap: identity.cap("gen_ai_client_token_usage"),
-            duration_cap: identity.cap("gen_ai_client_operation_duration_seconds"),
-            first_chunk_cap: identity.cap("gen_ai_client_operation_time_to_first_chunk_seconds"),
+            token_usage: identity.family("gen_ai_client_token_usage", token_usage),
+            duration: identity.family("gen_ai_client_operation_duration_seconds", duration),
+            first_chunk: identity.family("gen_ai_client_operation_time_to_first_chunk_seconds", first_chunk),
         })
     }
 
@@ -147,21 +141,14 @@ impl GenAiMetrics {
         if let Some((input, output)) = op.tokens {
             for (token_type, count) in [("input", input), ("output", output)] {
                 let n = labels.values(&mut buffer, &and(common, token_type), identity);
-                self.token_cap.admit(&mut buffer[..n], labels.count());
-                self.token_usage
-                    .with_label_values(&buffer[..n])
-                    .observe(count as f64);
+                self.token_usage.get(&buffer[..n]).observe(count as f64);
             }
         }
         let n = labels.values(&mut buffer, &and(common, op.error_type), identity);
-        self.duration_cap.admit(&mut buffer[..n], labels.count());
-        self.duration
-            .with_label_values(&buffer[..n])
-            .observe(op.duration_seconds);
+        self.duration.get(&buffer[..n]).observe(op.duration_seconds);
         if let Some(seconds) = op.first_chunk_seconds {
             let n = labels.values(&mut buffer, &common, identity);
-            self.first_chunk_cap.admit(&mut buffer[..n], labels.count());
-            self.first_chunk.with_label_values(&buffer[..n]).observe(seconds);
+            self.first_chunk.get(&buffer[..n]).observe(seconds);
         }
     }
 }

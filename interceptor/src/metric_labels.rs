@@ -5,10 +5,11 @@
 //! `--metrics-max-series` label sets; a new set beyond the cap is counted under the identity value
 //! [`OVERFLOW`] instead, and `interceptor_metric_series_overflow_total` says it happened.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
+use prometheus::core::{MetricVec, MetricVecBuilder};
 use prometheus::{IntCounterVec, Opts, Registry};
 
 /// The identity value that replaces the real one once a family reached its cap.
@@ -132,6 +133,111 @@ impl IdentityLabels {
     pub fn count(&self) -> usize {
         self.labels.len()
     }
+
+    /// `vec` (registered by the caller) under this family's series cap, with a cache of its handles.
+    pub fn family<V: LabeledVec>(&self, metric: &'static str, vec: V) -> CappedVec<V> {
+        CappedVec(Arc::new(CappedInner {
+            vec,
+            cap: self.cap(metric),
+            identity_count: self.count(),
+            handle_key: std::hash::RandomState::new(),
+            handles: RwLock::default(),
+        }))
+    }
+}
+
+/// Label sets whose handles a [`CappedVec`] remembers; past it the cache starts again (model names
+/// come from traffic).
+const CACHED_HANDLES: usize = 4096;
+
+/// A labelled metric family under a [`SeriesCap`], with a cache of its handles: a label set seen
+/// before costs one keyed hash and a read lock, instead of prometheus' per-call label hashing (FNV,
+/// byte by byte), lookup and the cap's lock (several families are updated per request). Clones share
+/// the family.
+///
+/// Label sets are told apart by a 64-bit SipHash with a random per-process key: label values come
+/// from traffic (model names), and a workload must not be able to craft a value whose handle is
+/// another identity's. Without the key, colliding on purpose is not feasible; by accident, the chance
+/// that any two of the cached sets collide is below 10⁻¹².
+pub struct CappedVec<V: LabeledVec>(Arc<CappedInner<V>>);
+
+impl<V: LabeledVec> Clone for CappedVec<V> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+struct CappedInner<V: LabeledVec> {
+    vec: V,
+    cap: SeriesCap,
+    identity_count: usize,
+    handle_key: std::hash::RandomState,
+    /// Keyed hash of the label values as asked → their handle.
+    handles: RwLock<HashMap<u64, CachedHandle<V::Metric>, rustc_hash::FxBuildHasher>>,
+}
+
+/// A prometheus metric vector (`IntCounterVec`, `CounterVec`, `HistogramVec`).
+pub trait LabeledVec {
+    type Metric: Clone;
+    fn with_label_values(&self, values: &[&str]) -> Self::Metric;
+}
+
+impl<T: MetricVecBuilder> LabeledVec for MetricVec<T> {
+    type Metric = T::M;
+    fn with_label_values(&self, values: &[&str]) -> T::M {
+        MetricVec::with_label_values(self, values)
+    }
+}
+
+struct CachedHandle<M> {
+    metric: M,
+    /// The label set was refused by the cap: `metric` is the overflow series.
+    overflowed: bool,
+}
+
+impl<V: LabeledVec> CappedVec<V> {
+    /// The metric for `values` (fixed labels, then the identity labels), or the family's overflow
+    /// series once the cap is reached.
+    pub fn get(&self, values: &[&str]) -> V::Metric {
+        let this = &*self.0;
+        let mut hasher = this.handle_key.build_hasher();
+        values.hash(&mut hasher);
+        let hash = hasher.finish();
+        if let Ok(handles) = this.handles.read()
+            && let Some(found) = handles.get(&hash)
+        {
+            if found.overflowed {
+                this.cap.overflows.inc();
+            }
+            return found.metric.clone();
+        }
+        let mut admitted = [""; MAX_LABELS];
+        let n = values.len().min(MAX_LABELS);
+        admitted[..n].copy_from_slice(&values[..n]);
+        let overflowed = !this.cap.admit(&mut admitted[..n], this.identity_count);
+        let metric = this.vec.with_label_values(&admitted[..n]);
+        if let Ok(mut handles) = this.handles.write() {
+            if handles.len() >= CACHED_HANDLES {
+                handles.clear();
+            }
+            handles.insert(
+                hash,
+                CachedHandle {
+                    metric: metric.clone(),
+                    overflowed,
+                },
+            );
+        }
+        metric
+    }
+}
+
+fn hash_values(values: &[&str]) -> u64 {
+    let mut hasher = rustc_hash::FxBuildHasher.build_hasher();
+    for value in values {
+        value.hash(&mut hasher);
+    }
+    hasher.finish()
 }
 
 /// Admits at most `max` distinct label sets into one metric family (clones share the set).
@@ -147,11 +253,7 @@ impl SeriesCap {
     /// Whether `values` may be used as is; when not, the caller replaces the last `identity_count`
     /// values with [`OVERFLOW`] (see [`SeriesCap::admit`]).
     fn admitted(&self, values: &[&str]) -> bool {
-        let mut hasher = rustc_hash::FxBuildHasher.build_hasher();
-        for value in values {
-            value.hash(&mut hasher);
-        }
-        let key = hasher.finish();
+        let key = hash_values(values);
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         if seen.contains(&key) {
             return true;
@@ -163,17 +265,18 @@ impl SeriesCap {
         false
     }
 
-    /// `values` (fixed labels, then `identity_count` identity labels) as they may be used: unchanged, or
-    /// with the identity replaced by [`OVERFLOW`] once the family is full.
-    pub fn admit(&self, values: &mut [&str], identity_count: usize) {
+    /// `values` (fixed labels, then `identity_count` identity labels) as they may be used: unchanged
+    /// (true), or with the identity replaced by [`OVERFLOW`] once the family is full (false).
+    pub fn admit(&self, values: &mut [&str], identity_count: usize) -> bool {
         if identity_count == 0 || self.admitted(values) {
-            return;
+            return true;
         }
         let start = values.len().saturating_sub(identity_count);
         for value in &mut values[start..] {
             *value = OVERFLOW;
         }
         self.overflows.inc();
+        false
     }
 
     pub fn metric(&self) -> &'static str {
@@ -234,5 +337,31 @@ mod tests {
         let mut values = ["openai", "input"];
         cap.admit(&mut values, none.count());
         assert_eq!(values, ["openai", "input"]);
+    }
+}
+
+#[cfg(test)]
+mod capped_vec_tests {
+    use super::*;
+
+    #[test]
+    fn a_label_set_seen_before_is_served_from_the_cache_and_overflows_still_count() {
+        let registry = Registry::new();
+        let labels = IdentityLabels::new(&[IdentityLabel::Namespace], 1, &registry).expect("labels");
+        let vec = IntCounterVec::new(Opts::new("t_total", "t"), &labels.names(&["provider"])).expect("vec");
+        let family = labels.family("t_total", vec.clone());
+        for _ in 0..3 {
+            family.get(&["openai", "a"]).inc();
+            family.get(&["openai", "b"]).inc();
+        }
+        let cached = family.0.handles.read().expect("lock").len();
+        assert_eq!(cached, 2, "one cached handle per label set asked for");
+        assert_eq!(vec.with_label_values(&["openai", "a"]).get(), 3);
+        assert_eq!(vec.with_label_values(&["openai", OVERFLOW]).get(), 3);
+        assert_eq!(
+            family.0.cap.overflows.get(),
+            3,
+            "every overflowed observation is counted"
+        );
     }
 }

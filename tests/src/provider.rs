@@ -248,8 +248,15 @@ pub async fn json_body(request: Request<Incoming>) -> Option<Value> {
 
 /// An SSE response from events (already formatted), `interval` apart.
 pub fn sse_response(events: Vec<String>, interval: Duration) -> Response<Body> {
+    sse_response_with_tail(events, interval, 0)
+}
+
+/// [`sse_response`] whose last `tail` events follow the one before them at once: what a provider
+/// sends when generation ends (OpenAI's usage chunk and `[DONE]` right after the finish chunk).
+pub fn sse_response_with_tail(events: Vec<String>, interval: Duration, tail: usize) -> Response<Body> {
+    let paced = events.len().saturating_sub(tail);
     let stream = futures::stream::iter(events.into_iter().enumerate()).then(move |(i, event)| async move {
-        if i > 0 && !interval.is_zero() {
+        if i > 0 && i < paced && !interval.is_zero() {
             tokio::time::sleep(interval).await;
         }
         Ok::<_, std::io::Error>(Frame::data(Bytes::from(event)))

@@ -102,7 +102,11 @@ impl RotatingFile {
 }
 
 impl super::LineSink for RotatingFile {
-    fn write_line(&mut self, line: &[u8]) -> std::io::Result<bool> {
+    fn room(&self) -> u64 {
+        self.max_bytes.saturating_sub(self.size)
+    }
+
+    fn write_lines(&mut self, line: &[u8]) -> std::io::Result<bool> {
         if self.file.is_none() {
             let recently = self
                 .last_open_attempt
@@ -160,7 +164,7 @@ mod tests {
         let mut rotations = 0;
         for i in 0..20 {
             let line = format!("{{\"n\":{i:02},\"pad\":\"xxxxxxxxxxxxxxxxxxxx\"}}\n");
-            if file.write_line(line.as_bytes()).expect("write") {
+            if file.write_lines(line.as_bytes()).expect("write") {
                 rotations += 1;
             }
         }
@@ -187,19 +191,19 @@ mod tests {
         let dir = temp_dir("gone");
         let path = dir.join("sub/audit.log");
         let mut file = RotatingFile::open(path.clone(), 1_000, 1).expect("open");
-        file.write_line(b"{\"a\":1}\n").expect("write");
+        file.write_lines(b"{\"a\":1}\n").expect("write");
         std::fs::remove_dir_all(dir.join("sub")).expect("remove");
         // The open file still takes writes (unlinked); a rotation needs the directory.
         let mut saw_error = false;
         for _ in 0..200 {
-            if file.write_line(b"{\"b\":2}\n").is_err() {
+            if file.write_lines(b"{\"b\":2}\n").is_err() {
                 saw_error = true;
                 break;
             }
         }
         assert!(saw_error, "rotation without the directory fails");
         std::thread::sleep(REOPEN_INTERVAL);
-        file.write_line(b"{\"c\":3}\n").expect("recreated");
+        file.write_lines(b"{\"c\":3}\n").expect("recreated");
         assert!(path.exists());
         let _ = std::fs::remove_dir_all(&dir);
     }

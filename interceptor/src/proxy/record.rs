@@ -182,7 +182,7 @@ impl Record {
         }
         let (priced_as, cost_usd, cost_picodollars) = match &priced {
             Priced::Priced { priced_as, cost } => (
-                Some(priced_as.as_str()),
+                Some(&**priced_as),
                 Some(cost.usd()),
                 u64::try_from(cost.picodollars).ok(),
             ),

@@ -14,7 +14,9 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
-use super::{Body, Ledger, Sent, json_body, json_response, json_response_for, sse_response};
+use super::{
+    Body, Ledger, Sent, json_body, json_response, json_response_for, sse_response, sse_response_with_tail,
+};
 
 /// The reply text, split in stream deltas.
 pub const REPLY: [&str; 4] = ["Hello", " from the", " simulated", " provider."];
@@ -161,7 +163,10 @@ pub async fn chat_completions(request: Request<Incoming>, ledger: &Ledger) -> Re
     } else {
         Duration::from_millis(5)
     };
-    with_request_id(sse_response(events, interval), &id)
+    // Generation ends with the finish chunk: the usage chunk (when asked for) and `[DONE]` follow it at
+    // once, as OpenAI sends them; only the generated chunks are paced.
+    let tail = 1 + usize::from(include_usage);
+    with_request_id(sse_response_with_tail(events, interval, tail), &id)
 }
 
 pub async fn responses(request: Request<Incoming>, ledger: &Ledger) -> Response<Body> {
