@@ -175,7 +175,7 @@ fn check_cost(case: &Case, accounting: &Accounting, table: &PriceTable) {
     let priced = table
         .lookup(provider, model)
         .unwrap_or_else(|| panic!("{}: {model} has no price", case.file));
-    assert_eq!(&priced.priced_as, priced_as, "{}: priced as", case.file);
+    assert_eq!(&*priced.priced_as, priced_as.as_str(), "{}: priced as", case.file);
     let usage = accounting.usage.expect("usage to price");
     assert_eq!(priced.cost(&usage).picodollars, cost, "{}: cost", case.file);
 }

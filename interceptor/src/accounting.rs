@@ -23,7 +23,7 @@ pub struct AccountingSettings {
     pub prices: PriceTable,
     /// Resolved provider → model → price, so dated names are normalised once, not per request (and a
     /// lookup allocates nothing).
-    resolved: RwLock<HashMap<Box<str>, HashMap<Box<str>, Option<PricedModel>>>>,
+    resolved: RwLock<HashMap<Box<str>, ModelPrices>>,
     pub stream_usage: StreamUsage,
     pub max_request_body: u64,
     /// Request-body memory left, in KiB permits.
@@ -113,6 +113,9 @@ impl AccountingSettings {
         found
     }
 }
+
+/// One provider's resolved prices: model name as asked → price (none: unknown model).
+type ModelPrices = HashMap<Box<str>, Option<PricedModel>>;
 
 /// Distinct (provider, model) names whose price lookups are remembered.
 const RESOLVED_CACHE_ENTRIES: usize = 4096;

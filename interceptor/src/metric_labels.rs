@@ -200,9 +200,7 @@ impl<V: LabeledVec> CappedVec<V> {
     /// series once the cap is reached.
     pub fn get(&self, values: &[&str]) -> V::Metric {
         let this = &*self.0;
-        let mut hasher = this.handle_key.build_hasher();
-        values.hash(&mut hasher);
-        let hash = hasher.finish();
+        let hash = this.handle_key.hash_one(values);
         if let Ok(handles) = this.handles.read()
             && let Some(found) = handles.get(&hash)
         {
