@@ -141,7 +141,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             worker_threads,
         } => {
-            logging::init(cli.log_format, &cli.log_level)?;
+            let audit_on = config.audit_log != interceptor::audit::AuditDestination::Off;
+            logging::init(cli.log_format, &cli.log_level, audit_on)?;
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             builder.enable_all().thread_name("interceptor");
             if let Some(threads) = worker_threads {

@@ -58,8 +58,8 @@ impl Daemon {
         std::fs::write(&policy_path, policy)?;
         let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/{PREFIX}-{}", std::process::id()));
         // `INTERCEPTOR_TEST_LOG` overrides the filter (benchmarks keep only the ready line).
-        let log_level =
-            std::env::var("INTERCEPTOR_TEST_LOG").unwrap_or_else(|_| "info,interceptor=debug".into());
+        let log_level = std::env::var("INTERCEPTOR_TEST_LOG")
+            .unwrap_or_else(|_| "info,interceptor=debug,interceptor::request=info".into());
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut command = Command::new(program);

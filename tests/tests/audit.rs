@@ -91,6 +91,9 @@ async fn audit_lines_match_requests_one_to_one_across_rotation() {
             "4096",
             "--audit-keep",
             "100",
+            // The default filter: with the audit log on, no second (log) line per request.
+            "--log-level",
+            "info",
         ],
     )
     .expect("simulated node and daemon start");
@@ -102,6 +105,16 @@ async fn audit_lines_match_requests_one_to_one_across_rotation() {
     let (written, dropped) = wait_handled(&s, REQUESTS as f64);
     assert_eq!((written, dropped), (REQUESTS as f64, 0.0));
     s.daemon.stop().expect("graceful stop");
+    let logged_requests = s
+        .daemon
+        .logs()
+        .iter()
+        .filter(|l| l["message"] == "request")
+        .count();
+    assert_eq!(
+        logged_requests, 0,
+        "the audit log has the request lines; the log must not repeat them"
+    );
 
     let (lines, files) = read_lines(&path, 100);
     assert!(files.len() >= 3, "rotated by size: {files:?}");

@@ -190,6 +190,7 @@ impl Record {
         };
         let error_info = outcome.and_then(|o| o.observation.error.as_ref());
         info!(
+            target: crate::logging::REQUEST_TARGET,
             host = %self.conn.sni,
             provider,
             kind = self.route.kind.name(),
