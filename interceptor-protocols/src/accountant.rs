@@ -333,14 +333,20 @@ impl ResponseAccountant {
         } else {
             error_dialect(adapter)
         };
-        let content_type = header_str(headers, CONTENT_TYPE).to_ascii_lowercase();
+        let content_type = header_str(headers, CONTENT_TYPE).as_bytes();
+        let starts_with = |prefix: &[u8]| {
+            content_type
+                .get(..prefix.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+        };
         let framing = if dialect == Dialect::Opaque {
             Framing::Skip
-        } else if content_type.starts_with("text/event-stream") {
+        } else if starts_with(b"text/event-stream") {
             Framing::Sse(SseParser::new(limits.max_event_bytes))
-        } else if content_type.starts_with("application/vnd.amazon.eventstream") {
+        } else if starts_with(b"application/vnd.amazon.eventstream") {
             Framing::EventStream(EventStreamDecoder::new())
-        } else if content_type.is_empty() || content_type.contains("json") {
+        } else if content_type.is_empty() || content_type.windows(4).any(|w| w.eq_ignore_ascii_case(b"json"))
+        {
             if route.json_array_stream {
                 Framing::JsonArray(JsonArraySplitter::new(limits.max_event_bytes))
             } else {

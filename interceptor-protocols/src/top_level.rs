@@ -63,11 +63,16 @@ impl TopLevelFields {
             wanted,
             max_value_bytes,
             state: State::Start,
-            key: Vec::new(),
+            key: Vec::with_capacity(64),
             capturing: None,
-            value: Vec::new(),
+            // Sized for the usual members (a usage object, a model name, an id): no regrowth.
+            value: Vec::with_capacity(512),
             value_too_large: false,
-            captured: b"{".to_vec(),
+            captured: {
+                let mut captured = Vec::with_capacity(1024);
+                captured.push(b'{');
+                captured
+            },
             dropped_values: 0,
         }
     }
@@ -175,7 +180,7 @@ impl TopLevelFields {
                 Value::Scalar => false,
             };
             if in_string {
-                match memchr::memchr2(b'"', b'\\', &input[i..]) {
+                match string_stop(&input[i..]) {
                     Some(offset) => i += offset,
                     None => break,
                 }
@@ -270,6 +275,19 @@ impl TopLevelFields {
             self.captured.extend_from_slice(&self.value);
         }
         self.value.clear();
+    }
+}
+
+/// Where a string's next quote or backslash is. Most strings of a response are short (keys, ids,
+/// enum values): a direct look at the next bytes is cheaper than a call to memchr, which takes over
+/// for long text.
+fn string_stop(input: &[u8]) -> Option<usize> {
+    const DIRECT: usize = 24;
+    let head = &input[..input.len().min(DIRECT)];
+    match head.iter().position(|&b| b == b'"' || b == b'\\') {
+        Some(offset) => Some(offset),
+        None if input.len() <= DIRECT => None,
+        None => memchr::memchr2(b'"', b'\\', &input[DIRECT..]).map(|offset| DIRECT + offset),
     }
 }
 

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use interceptor_protocols::{Accounting, Adapter, Route};
 
@@ -60,26 +60,35 @@ pub struct ResponseMeta {
     pub remaining_tokens: Option<HeaderValue>,
 }
 
+/// Header names parsed once (a lookup by `&str` parses and validates the name every time).
+static REQUEST_ID: [HeaderName; 4] = [
+    HeaderName::from_static("x-request-id"),
+    HeaderName::from_static("request-id"),
+    HeaderName::from_static("x-amzn-requestid"),
+    HeaderName::from_static("apim-request-id"),
+];
+static RETRY_AFTER: [HeaderName; 2] = [
+    http::header::RETRY_AFTER,
+    HeaderName::from_static("retry-after-ms"),
+];
+static REMAINING_REQUESTS: [HeaderName; 2] = [
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("anthropic-ratelimit-requests-remaining"),
+];
+static REMAINING_TOKENS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("anthropic-ratelimit-tokens-remaining"),
+    HeaderName::from_static("anthropic-ratelimit-input-tokens-remaining"),
+];
+
 impl ResponseMeta {
     pub fn from_headers(headers: &http::HeaderMap) -> Self {
-        let first = |names: &[&str]| names.iter().find_map(|name| headers.get(*name).cloned());
+        let first = |names: &[HeaderName]| names.iter().find_map(|name| headers.get(name).cloned());
         Self {
-            request_id: first(&[
-                "x-request-id",
-                "request-id",
-                "x-amzn-requestid",
-                "apim-request-id",
-            ]),
-            retry_after: first(&["retry-after", "retry-after-ms"]),
-            remaining_requests: first(&[
-                "x-ratelimit-remaining-requests",
-                "anthropic-ratelimit-requests-remaining",
-            ]),
-            remaining_tokens: first(&[
-                "x-ratelimit-remaining-tokens",
-                "anthropic-ratelimit-tokens-remaining",
-                "anthropic-ratelimit-input-tokens-remaining",
-            ]),
+            request_id: first(&REQUEST_ID),
+            retry_after: first(&RETRY_AFTER),
+            remaining_requests: first(&REMAINING_REQUESTS),
+            remaining_tokens: first(&REMAINING_TOKENS),
         }
     }
 }
@@ -179,6 +188,11 @@ impl Exchange {
     /// What the request body said.
     pub fn requested(&self, side: RequestSide) {
         let _ = self.request.set(side);
+    }
+
+    /// The model the request body names, when it was read.
+    pub fn requested_model(&self) -> Option<&str> {
+        self.request.get()?.model.as_deref()
     }
 
     /// Keeps the response headers worth recording.

@@ -209,7 +209,7 @@ fn decide_quota(
     }
     let conn = &ctx.conn;
     let route = exchange.route();
-    let model = body.model.as_deref().or(route
+    let model = exchange.requested_model().or(route
         .path_model
         .as_deref()
         .filter(|_| !route.path_model_is_deployment));
@@ -327,6 +327,9 @@ fn is_websocket_upgrade<B>(request: &Request<B>) -> bool {
             .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): those named in `Connection` and the standard set.
 /// With `keep_upgrade`, `Connection: upgrade` and `Upgrade` pass (WebSocket handshakes).
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
@@ -353,8 +356,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     ] {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
     if !te_trailers {
         headers.remove(header::TE);
     }

@@ -93,10 +93,10 @@ pub struct Prepared {
     pub demand: BodyDemand,
 }
 
-/// What a read body says about the request's size, for quota reservations.
+/// What a read body says about the request's size, for quota reservations (its model is on the
+/// exchange).
 #[derive(Clone, Debug, Default)]
 pub struct BodyDemand {
-    pub model: Option<String>,
     pub max_output_tokens: Option<u64>,
     /// Body size in bytes (declared or read), when known.
     pub body_bytes: Option<u64>,
@@ -227,7 +227,6 @@ pub async fn prepare(
         (None, Some(permit))
     };
     let demand = BodyDemand {
-        model: facts.model.clone(),
         max_output_tokens: facts.max_output_tokens,
         body_bytes: Some(body_bytes),
     };
