@@ -168,72 +168,17 @@ impl TopLevelFields {
     /// Consumes bytes of the current value; returns how many (the value's end byte included, but not
     /// the byte that ends a scalar).
     fn value_bytes(&mut self, mut value: Value, input: &[u8]) -> usize {
-        let mut end = None;
-        let mut i = 0;
-        while i < input.len() {
-            // Inside a string, jump to the next quote or backslash: most bytes of a body are text.
-            let in_string = match value {
-                Value::String { escaped } => !escaped,
-                Value::Container {
-                    in_string, escaped, ..
-                } => in_string && !escaped,
-                Value::Scalar => false,
-            };
-            if in_string {
-                match string_stop(&input[i..]) {
-                    Some(offset) => i += offset,
-                    None => break,
-                }
-            }
-            let byte = input[i];
-            match &mut value {
-                Value::String { escaped } => {
-                    if *escaped {
-                        *escaped = false;
-                    } else if byte == b'\\' {
-                        *escaped = true;
-                    } else if byte == b'"' {
-                        end = Some(i + 1);
-                        break;
-                    }
-                }
-                Value::Scalar => {
-                    if matches!(byte, b',' | b'}' | b']') || byte.is_ascii_whitespace() {
-                        end = Some(i);
-                        break;
-                    }
-                }
-                Value::Container {
-                    depth,
-                    in_string,
-                    escaped,
-                } => {
-                    if *in_string {
-                        if *escaped {
-                            *escaped = false;
-                        } else if byte == b'\\' {
-                            *escaped = true;
-                        } else if byte == b'"' {
-                            *in_string = false;
-                        }
-                    } else {
-                        match byte {
-                            b'"' => *in_string = true,
-                            b'{' | b'[' => *depth += 1,
-                            b'}' | b']' => {
-                                *depth -= 1;
-                                if *depth == 0 {
-                                    end = Some(i + 1);
-                                    break;
-                                }
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-            }
-            i += 1;
-        }
+        let end = match &mut value {
+            Value::String { escaped } => string_end(input, 0, escaped),
+            Value::Scalar => input
+                .iter()
+                .position(|&b| matches!(b, b',' | b'}' | b']') || b.is_ascii_whitespace()),
+            Value::Container {
+                depth,
+                in_string,
+                escaped,
+            } => container_end(input, depth, in_string, escaped),
+        };
         match end {
             Some(consumed) => {
                 self.keep(&input[..consumed]);
@@ -275,6 +220,62 @@ impl TopLevelFields {
             self.captured.extend_from_slice(&self.value);
         }
         self.value.clear();
+    }
+}
+
+/// Inside a string from `from`: the index just past its closing quote, or `None` when `input` ends
+/// first (`escaped` then says whether its last byte was a backslash).
+fn string_end(input: &[u8], from: usize, escaped: &mut bool) -> Option<usize> {
+    let mut i = from;
+    loop {
+        if *escaped {
+            if i >= input.len() {
+                return None;
+            }
+            *escaped = false;
+            i += 1;
+        }
+        i += string_stop(input.get(i..)?)?;
+        if input[i] == b'"' {
+            return Some(i + 1);
+        }
+        *escaped = true;
+        i += 1;
+    }
+}
+
+/// Bytes that matter outside strings in a container.
+static STRUCTURAL: [bool; 256] = {
+    let mut table = [false; 256];
+    table[b'"' as usize] = true;
+    table[b'{' as usize] = true;
+    table[b'[' as usize] = true;
+    table[b'}' as usize] = true;
+    table[b']' as usize] = true;
+    table
+};
+
+/// Inside an object or array: the index just past its closing bracket, or `None` when `input` ends
+/// first (the state is then carried to the next chunk).
+fn container_end(input: &[u8], depth: &mut u32, in_string: &mut bool, escaped: &mut bool) -> Option<usize> {
+    let mut i = 0;
+    loop {
+        if *in_string {
+            i = string_end(input, i, escaped)?;
+            *in_string = false;
+        }
+        i += input.get(i..)?.iter().position(|&b| STRUCTURAL[usize::from(b)])?;
+        match input[i] {
+            b'"' => *in_string = true,
+            b'{' | b'[' => *depth += 1,
+            _ => {
+                *depth -= 1;
+                if *depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+        }
+        i += 1;
     }
 }
 
