@@ -244,11 +244,19 @@ impl Batch {
             return;
         }
         self.line.push(b'\n');
-        let grown = self.bytes.len() + self.line.len();
+        let line = std::mem::take(&mut self.line);
+        self.add_line(&line, sink, metrics);
+        self.line = line;
+    }
+
+    /// Adds one complete line; the batch is written first when the line would take it past the
+    /// batch size or the sink's next rotation.
+    fn add_line(&mut self, line: &[u8], sink: &mut dyn LineSink, metrics: &AuditMetrics) {
+        let grown = self.bytes.len() + line.len();
         if self.lines > 0 && (grown > MAX_BATCH_BYTES || grown as u64 > sink.room()) {
             self.flush(sink, metrics);
         }
-        self.bytes.extend_from_slice(&self.line);
+        self.bytes.extend_from_slice(line);
         self.lines += 1;
     }
 
@@ -298,6 +306,78 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Takes whole writes while they fit in `capacity` bytes, and rotates every `rotate_at` bytes.
+    struct SmallDisk {
+        written: Vec<u8>,
+        capacity: usize,
+        file_size: u64,
+        rotate_at: u64,
+        writes: usize,
+    }
+
+    impl LineSink for SmallDisk {
+        fn write_lines(&mut self, lines: &[u8]) -> std::io::Result<bool> {
+            if self.written.len() + lines.len() > self.capacity {
+                return Err(std::io::Error::other("no space left on device"));
+            }
+            let rotated = self.file_size > 0 && self.file_size + lines.len() as u64 > self.rotate_at;
+            if rotated {
+                self.file_size = 0;
+            }
+            assert!(
+                self.file_size + lines.len() as u64 <= self.rotate_at,
+                "a batch crossed a rotation"
+            );
+            self.file_size += lines.len() as u64;
+            self.written.extend_from_slice(lines);
+            self.writes += 1;
+            Ok(rotated)
+        }
+
+        fn room(&self) -> u64 {
+            self.rotate_at - self.file_size
+        }
+    }
+
+    fn disk(capacity: usize, rotate_at: u64) -> SmallDisk {
+        SmallDisk {
+            written: Vec::new(),
+            capacity,
+            file_size: 0,
+            rotate_at,
+            writes: 0,
+        }
+    }
+
+    #[test]
+    fn lines_go_out_in_one_write_per_batch_and_batches_never_cross_a_rotation() {
+        let metrics = AuditMetrics::register(&Registry::new()).expect("metrics");
+        let mut sink = disk(usize::MAX, 25);
+        let mut batch = Batch::default();
+        for line in ["{\"n\":1}\n", "{\"n\":2}\n", "{\"n\":3}\n", "{\"n\":4}\n"] {
+            batch.add_line(line.as_bytes(), &mut sink, &metrics);
+        }
+        batch.flush(&mut sink, &metrics);
+        // 8 bytes a line, 25 a file: three lines, then a rotation before the fourth.
+        assert_eq!(sink.writes, 2);
+        assert_eq!(metrics.written.get(), 4);
+        assert_eq!(metrics.rotations.get(), 1);
+    }
+
+    #[test]
+    fn a_batch_that_does_not_fit_keeps_every_line_that_does() {
+        let metrics = AuditMetrics::register(&Registry::new()).expect("metrics");
+        let mut sink = disk(20, u64::MAX);
+        let mut batch = Batch::default();
+        for line in ["{\"n\":1}\n", "{\"n\":2}\n", "{\"n\":3}\n"] {
+            batch.add_line(line.as_bytes(), &mut sink, &metrics);
+        }
+        batch.flush(&mut sink, &metrics);
+        assert_eq!(sink.written, b"{\"n\":1}\n{\"n\":2}\n", "whole lines only");
+        assert_eq!(metrics.written.get(), 2);
+        assert_eq!(metrics.dropped.with_label_values(&["write_error"]).get(), 1);
+    }
 
     #[test]
     fn destinations_parse() {
