@@ -91,16 +91,7 @@ impl TopLevelFields {
                     i += consumed;
                     continue;
                 }
-                _ if byte.is_ascii_whitespace() => {}
-                State::Start => self.expect(byte == b'{', State::ExpectKey),
-                State::ExpectKey => match byte {
-                    b'"' => {
-                        self.key.clear();
-                        self.state = State::Key { escaped: false };
-                    }
-                    b'}' => self.state = State::End,
-                    _ => self.state = State::Malformed,
-                },
+                // Before the whitespace skip: white space inside a name is part of it.
                 State::Key { escaped } => {
                     if escaped {
                         self.state = State::Key { escaped: false };
@@ -113,14 +104,21 @@ impl TopLevelFields {
                         self.key.push(byte);
                     }
                 }
+                _ if byte.is_ascii_whitespace() => {}
+                State::Start => self.expect(byte == b'{', State::ExpectKey),
+                State::ExpectKey => match byte {
+                    b'"' => {
+                        self.key.clear();
+                        self.state = State::Key { escaped: false };
+                    }
+                    b'}' => self.state = State::End,
+                    _ => self.state = State::Malformed,
+                },
                 State::ExpectColon => self.expect(byte == b':', State::ExpectValue),
                 State::ExpectValue => {
                     // The key was collected with its closing quote.
                     self.key.pop();
-                    self.capturing = self
-                        .wanted
-                        .iter()
-                        .position(|w| w.as_bytes() == self.key.as_slice());
+                    self.capturing = self.wanted_index();
                     self.value.clear();
                     self.value_too_large = false;
                     self.state = State::Value(match byte {
@@ -159,6 +157,21 @@ impl TopLevelFields {
     /// How many wanted values were dropped for being larger than the limit.
     pub fn dropped_values(&self) -> u32 {
         self.dropped_values
+    }
+
+    /// Which wanted member the collected name is. A name with escapes (`"us\u0061ge"`) is compared
+    /// as JSON reads it; a name cut at the collection limit matches nothing (wanted names are short).
+    fn wanted_index(&self) -> Option<usize> {
+        let raw = self.key.as_slice();
+        if !raw.contains(&b'\\') {
+            return self.wanted.iter().position(|w| w.as_bytes() == raw);
+        }
+        let mut quoted = Vec::with_capacity(raw.len() + 2);
+        quoted.push(b'"');
+        quoted.extend_from_slice(raw);
+        quoted.push(b'"');
+        let name: String = serde_json::from_slice(&quoted).ok()?;
+        self.wanted.iter().position(|w| *w == name)
     }
 
     fn expect(&mut self, ok: bool, next: State) {
@@ -297,6 +310,20 @@ mod tests {
     use super::*;
 
     const WANTED: &[&str] = &["model", "usage", "id"];
+
+    #[test]
+    fn names_are_read_as_json_reads_them() {
+        // White space inside a name is part of it (the fuzzer found `"i  d"` read as `id`).
+        assert_eq!(
+            scan(&[br#"{"i  d":6, "u sage": {"a":1}}"#], 64),
+            Fields::Object(b"{}".to_vec())
+        );
+        // Escapes in a name are decoded before comparing.
+        assert_eq!(
+            scan(&[br#"{"\u0069d":6,"us\u0061ge":{"a":1}}"#], 64),
+            Fields::Object(br#"{"id":6,"usage":{"a":1}}"#.to_vec())
+        );
+    }
 
     fn scan(chunks: &[&[u8]], max: usize) -> Fields {
         let mut scanner = TopLevelFields::new(WANTED, max);

@@ -1,5 +1,6 @@
-//! The top-level member scanner: split invariance, and whatever it rebuilds from a valid JSON
-//! object is valid JSON.
+//! The top-level member scanner: split invariance, whatever it rebuilds from a valid JSON object is
+//! valid JSON, and without a size limit it keeps exactly the wanted members serde_json reads (the
+//! last occurrence of a duplicate, as serde_json does).
 #![no_main]
 
 use interceptor_protocols::top_level::{Fields, TopLevelFields};
@@ -28,5 +29,19 @@ fuzz_target!(|data: &[u8]| {
             serde_json::from_slice::<serde_json::Value>(object).is_ok(),
             "rebuilt object is JSON"
         );
+    }
+    if input_is_object {
+        let mut unlimited = TopLevelFields::new(WANTED, usize::MAX);
+        unlimited.feed(body);
+        let Fields::Object(object) = unlimited.finish() else {
+            panic!("a JSON object was scanned as malformed");
+        };
+        let original: serde_json::Value = serde_json::from_slice(body).expect("checked above");
+        let rebuilt: serde_json::Value = serde_json::from_slice(&object).expect("rebuilt object is JSON");
+        for key in WANTED {
+            assert_eq!(rebuilt.get(key), original.get(key), "member {key}");
+        }
+        let kept = rebuilt.as_object().map_or(0, |o| o.len());
+        assert!(kept <= WANTED.len(), "only wanted members are kept");
     }
 });
