@@ -345,8 +345,7 @@ impl ResponseAccountant {
             Framing::Sse(SseParser::new(limits.max_event_bytes))
         } else if starts_with(b"application/vnd.amazon.eventstream") {
             Framing::EventStream(EventStreamDecoder::new())
-        } else if content_type.is_empty() || content_type.windows(4).any(|w| w.eq_ignore_ascii_case(b"json"))
-        {
+        } else if content_type.is_empty() || crate::is_json_media_type(content_type) {
             if route.json_array_stream {
                 Framing::JsonArray(JsonArraySplitter::new(limits.max_event_bytes))
             } else {

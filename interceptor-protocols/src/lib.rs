@@ -27,3 +27,31 @@ pub use accountant::{Accounting, Limits, ResponseAccountant, UsageStatus};
 pub use pricing::{Cost, PriceTable, PricedModel};
 pub use route::{Adapter, Dialect, EndpointKind, Route, classify};
 pub use usage::{Observation, ProviderError, Usage};
+
+/// Whether a `Content-Type` value names JSON (`application/json`, `…+json`, `application/x-ndjson`; any
+/// case), for request and response bodies alike.
+pub fn is_json_media_type(value: &[u8]) -> bool {
+    value.windows(4).any(|w| w.eq_ignore_ascii_case(b"json"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn json_media_types() {
+        for json in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/problem+json",
+        ] {
+            assert!(super::is_json_media_type(json.as_bytes()), "{json}");
+        }
+        for other in [
+            "text/event-stream",
+            "application/vnd.amazon.eventstream",
+            "",
+            "js",
+        ] {
+            assert!(!super::is_json_media_type(other.as_bytes()), "{other}");
+        }
+    }
+}

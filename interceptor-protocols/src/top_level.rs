@@ -248,7 +248,7 @@ fn string_end(input: &[u8], from: usize, escaped: &mut bool) -> Option<usize> {
             *escaped = false;
             i += 1;
         }
-        i += string_stop(input.get(i..)?)?;
+        i += memchr::memchr2(b'"', b'\\', input.get(i..)?)?;
         if input[i] == b'"' {
             return Some(i + 1);
         }
@@ -289,19 +289,6 @@ fn container_end(input: &[u8], depth: &mut u32, in_string: &mut bool, escaped: &
             }
         }
         i += 1;
-    }
-}
-
-/// Where a string's next quote or backslash is. Most strings of a response are short (keys, ids,
-/// enum values): a direct look at the next bytes is cheaper than a call to memchr, which takes over
-/// for long text.
-fn string_stop(input: &[u8]) -> Option<usize> {
-    const DIRECT: usize = 24;
-    let head = &input[..input.len().min(DIRECT)];
-    match head.iter().position(|&b| b == b'"' || b == b'\\') {
-        Some(offset) => Some(offset),
-        None if input.len() <= DIRECT => None,
-        None => memchr::memchr2(b'"', b'\\', &input[DIRECT..]).map(|offset| DIRECT + offset),
     }
 }
 

@@ -336,11 +336,6 @@ mod tests {
         cap.admit(&mut values, none.count());
         assert_eq!(values, ["openai", "input"]);
     }
-}
-
-#[cfg(test)]
-mod capped_vec_tests {
-    use super::*;
 
     #[test]
     fn a_label_set_seen_before_is_served_from_the_cache_and_overflows_still_count() {

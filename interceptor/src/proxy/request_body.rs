@@ -128,7 +128,7 @@ pub async fn prepare(
     };
     let json = headers
         .get(CONTENT_TYPE)
-        .is_none_or(|v| v.as_bytes().windows(4).any(|w| w.eq_ignore_ascii_case(b"json")));
+        .is_none_or(|v| interceptor_protocols::is_json_media_type(v.as_bytes()));
     if !route.reads_request_body() || !json {
         return passthrough(None, body);
     }
