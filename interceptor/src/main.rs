@@ -143,10 +143,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let audit_on = config.audit_log != interceptor::audit::AuditDestination::Off;
             logging::init(cli.log_format, &cli.log_level, audit_on)?;
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            // One worker thread: the single-threaded scheduler (no work stealing, no cross-thread
+            // wake-ups), with the blocking pool beside it as usual.
+            let mut builder = match worker_threads {
+                Some(0 | 1) => tokio::runtime::Builder::new_current_thread(),
+                _ => tokio::runtime::Builder::new_multi_thread(),
+            };
             builder.enable_all().thread_name("interceptor");
-            if let Some(threads) = worker_threads {
-                builder.worker_threads(threads.max(1));
+            if let Some(threads) = worker_threads.filter(|&t| t > 1) {
+                builder.worker_threads(threads);
             }
             let runtime = builder.build().context("building the tokio runtime")?;
             runtime.block_on(async move {

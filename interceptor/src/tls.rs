@@ -3,6 +3,7 @@
 pub mod ca;
 pub mod leaf;
 pub mod upstream;
+pub mod upstream_h1;
 
 use std::sync::Arc;
 

@@ -15,10 +15,25 @@ use tests::scenario::{Scenario, policy};
 const MODELS: &str = "https://api.openai.com/v1/models";
 
 fn scenario(test: &str) -> Option<Scenario> {
+    scenario_with(test, &[])
+}
+
+fn scenario_with(test: &str, daemon_args: &[&str]) -> Option<Scenario> {
     if !tests::privileged_available(test) {
         return None;
     }
-    Some(Scenario::start(&policy("open"), &[]).expect("simulated node and daemon start"))
+    Some(Scenario::start(&policy("open"), daemon_args).expect("simulated node and daemon start"))
+}
+
+/// The provider's view of each response body in curl's output (bodies back to back).
+fn provider_peers(curl: &tests::scenario::Curl) -> Vec<String> {
+    serde_json::Deserializer::from_str(&curl.stdout())
+        .into_iter::<Value>()
+        .map(|body| {
+            let body = body.expect("JSON body");
+            body["peer"].as_str().map(str::to_owned).unwrap_or_default()
+        })
+        .collect()
 }
 
 fn request_lines(s: &Scenario, path: &str) -> Vec<Value> {
@@ -274,8 +289,46 @@ async fn websocket_echo_works_through_the_interceptor() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_clients_keep_one_upstream_connection_and_hand_it_to_the_next_client() {
+    let Some(mut s) = scenario("http1_clients_keep_one_upstream_connection_and_hand_it_to_the_next_client")
+    else {
+        return;
+    };
+    // Three requests on one client connection: one upstream connection (the provider sees one peer).
+    let first = s
+        .pod_curl_trusting(MODELS, &["--http1.1", MODELS, MODELS])
+        .expect("curl");
+    assert!(first.success(), "{}", first.describe());
+    let peers = provider_peers(&first);
+    assert_eq!(peers.len(), 3, "{}", first.stdout());
+    assert!(
+        peers
+            .iter()
+            .all(|p| p == &peers[0] && p.starts_with("203.0.113.1:")),
+        "{peers:?}"
+    );
+    // The client went; the next client of the same provider gets the parked connection.
+    let next = s.pod_curl_trusting(MODELS, &["--http1.1"]).expect("curl");
+    assert!(next.success(), "{}", next.describe());
+    assert_eq!(provider_peers(&next), vec![peers[0].clone()]);
+    // Another server name on the same address does not get it.
+    let other = s
+        .pod_curl_trusting("https://api.anthropic.com/v1/models", &["--http1.1"])
+        .expect("curl");
+    assert!(other.success(), "{}", other.describe());
+    assert_ne!(provider_peers(&other), vec![peers[0].clone()]);
+    let lines = wait_request_lines(&mut s, "/v1/models", 5);
+    assert_eq!(lines.len(), 5, "one record per request: {lines:#?}");
+    assert!(lines.iter().all(|l| l["status"] == 200), "{lines:#?}");
+}
+
+/// Also runs the daemon on one worker thread (the single-threaded scheduler), as the benchmark does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_handled_and_the_daemon_keeps_serving() {
-    let Some(mut s) = scenario("bad_input_is_handled_and_the_daemon_keeps_serving") else {
+    let Some(mut s) = scenario_with(
+        "bad_input_is_handled_and_the_daemon_keeps_serving",
+        &["--worker-threads", "1"],
+    ) else {
         return;
     };
     let target = SocketAddr::new(PROVIDER_V4.into(), 443);

@@ -223,9 +223,18 @@ async fn terminate(
             );
         }
     };
+    let original_dst = conn.facts.original_dst;
+    let forward = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+        http::Forward::Pooled(ctx.upstream.client(original_dst, offered_h2))
+    } else {
+        match ctx.upstream.lease(original_dst, &conn.sni) {
+            Ok(lease) => http::Forward::Http1(lease),
+            Err(e) => return (Mode::Terminated, Err(e.to_string())),
+        }
+    };
     let http_ctx = Arc::new(HttpContext {
-        original_dst: conn.facts.original_dst,
-        client: ctx.upstream.client(conn.facts.original_dst, offered_h2),
+        original_dst,
+        forward,
         upstream: ctx.upstream.clone(),
         conn,
         metrics: ctx.metrics.clone(),

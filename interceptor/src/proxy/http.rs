@@ -27,6 +27,7 @@ use crate::accounting::{AccountingSettings, Priced};
 use crate::identity::Identity;
 use crate::quota::{Decision, Demand, QuotaEngine, reject};
 use crate::tls::upstream::{Connector, Upstream};
+use crate::tls::upstream_h1::H1Lease;
 
 /// Request bodies sent upstream.
 pub type UpstreamBody = Metered<RequestBody>;
@@ -38,12 +39,20 @@ pub struct HttpContext {
     pub conn: Arc<ConnInfo>,
     pub upstream: Arc<Upstream<UpstreamBody>>,
     pub original_dst: SocketAddr,
-    /// The pooled client to the original destination, offering HTTP/2 only if the client did. Looked up
-    /// once per connection, not per request.
-    pub client: Client<Connector, UpstreamBody>,
+    /// How requests reach the original destination.
+    pub forward: Forward,
     pub metrics: ProxyMetrics,
     pub accounting: Arc<AccountingSettings>,
     pub quota: Arc<QuotaEngine>,
+}
+
+/// The upstream side of one client connection.
+pub enum Forward {
+    /// An HTTP/1.1 client: its requests go one at a time over the connection it holds.
+    Http1(H1Lease<UpstreamBody>),
+    /// An HTTP/2 client: concurrent requests over the pooled client, HTTP/2 upstream when offered.
+    /// Looked up once per connection, not per request.
+    Pooled(Client<Connector, UpstreamBody>),
 }
 
 /// Serves HTTP on a terminated TLS stream until the client closes it.
@@ -95,7 +104,16 @@ async fn handle(mut request: Request<Incoming>, ctx: &HttpContext) -> Response<C
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers, websocket);
     parts.headers.remove(header::HOST);
-    parts.uri = match upstream_uri(sni, ctx.original_dst.port(), &parts.uri) {
+    let sticky = match &ctx.forward {
+        Forward::Http1(lease) if !websocket => Some(lease),
+        _ => None,
+    };
+    let uri = match sticky {
+        // The lease writes the Host header; the request line keeps the origin form.
+        Some(_) => origin_form(&parts.uri),
+        None => upstream_uri(sni, ctx.original_dst.port(), &parts.uri),
+    };
+    parts.uri = match uri {
         Ok(uri) => uri,
         Err(e) => {
             return local(
@@ -122,19 +140,24 @@ async fn handle(mut request: Request<Incoming>, ctx: &HttpContext) -> Response<C
         parts,
         Metered::new(prepared.body, exchange.clone(), Direction::Up),
     );
-    // WebSocket upgrades need HTTP/1.1 upstream.
-    let response = if websocket {
-        ctx.upstream
+    // WebSocket upgrades need HTTP/1.1 upstream, on a connection of their own.
+    let response = match (&ctx.forward, sticky) {
+        (_, Some(lease)) => lease.send(upstream_request).await.map_err(|e| error_chain(&e)),
+        (Forward::Pooled(client), None) if !websocket => client
+            .request(upstream_request)
+            .await
+            .map_err(|e| error_chain(&e)),
+        _ => ctx
+            .upstream
             .client(ctx.original_dst, false)
             .request(upstream_request)
             .await
-    } else {
-        ctx.client.request(upstream_request).await
+            .map_err(|e| error_chain(&e)),
     };
     let mut response = match response {
         Ok(response) => response,
         Err(e) => {
-            let message = format!("upstream {}: {}", ctx.original_dst, error_chain(&e));
+            let message = format!("upstream {}: {e}", ctx.original_dst);
             warn!(error = %message, "upstream request failed");
             ctx.metrics.errors.with_label_values(&["upstream"]).inc();
             exchange.fail(message);
@@ -318,6 +341,16 @@ fn upstream_uri(sni: &str, port: u16, original: &Uri) -> Result<Uri, http::Error
         .build()
 }
 
+/// The request target in origin form (`/path?query`): as received from an HTTP/1.1 client, or cut
+/// from an absolute-form target.
+fn origin_form(original: &Uri) -> Result<Uri, http::Error> {
+    if original.scheme().is_none() && original.authority().is_none() {
+        return Ok(original.clone());
+    }
+    let path = original.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    Ok(Uri::try_from(path)?)
+}
+
 fn is_websocket_upgrade<B>(request: &Request<B>) -> bool {
     request.version() == Version::HTTP_11
         && request
@@ -437,6 +470,21 @@ mod tests {
         assert_eq!(request_host(&request).as_deref(), Some("api.openai.com"));
         let request = Request::builder().uri("/v1").body(()).expect("request");
         assert_eq!(request_host(&request), None);
+    }
+
+    #[test]
+    fn origin_form_keeps_path_and_query_only() {
+        let absolute: Uri = "https://api.openai.com/v1/chat/completions?x=1"
+            .parse()
+            .expect("uri");
+        assert_eq!(
+            origin_form(&absolute).expect("uri").to_string(),
+            "/v1/chat/completions?x=1"
+        );
+        let origin: Uri = "/v1/models".parse().expect("uri");
+        assert_eq!(origin_form(&origin).expect("uri"), origin);
+        let bare: Uri = "https://api.openai.com".parse().expect("uri");
+        assert_eq!(origin_form(&bare).expect("uri").to_string(), "/");
     }
 
     #[test]

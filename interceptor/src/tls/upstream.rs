@@ -21,12 +21,19 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use super::upstream_h1::{H1Error, H1Lease, H1Pool};
+
 /// System trust store bundles looked for (Debian, RHEL, Alpine layouts).
 const SYSTEM_BUNDLES: [&str; 3] = [
     "/etc/ssl/certs/ca-certificates.crt",
     "/etc/pki/tls/certs/ca-bundle.crt",
     "/etc/ssl/cert.pem",
 ];
+
+/// Idle upstream connections kept per destination and server name.
+const MAX_IDLE_PER_KEY: usize = 64;
+/// How long an idle upstream connection is kept.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Errors setting up the upstream client.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +50,8 @@ pub struct Upstream<B> {
     h1_h2: Arc<ClientConfig>,
     connect_timeout: Duration,
     pools: Mutex<HashMap<(SocketAddr, bool), Client<Connector, B>>>,
+    /// HTTP/1.1 connections parked between clients.
+    parked: Arc<H1Pool<B>>,
 }
 
 impl<B> Upstream<B>
@@ -84,7 +93,24 @@ where
             h1_h2: config(&[b"h2", b"http/1.1"])?,
             connect_timeout,
             pools: Mutex::new(HashMap::new()),
+            parked: Arc::new(H1Pool::new(MAX_IDLE_PER_KEY, IDLE_TIMEOUT)),
         })
+    }
+
+    /// A connector to `addr` offering HTTP/1.1 only, or HTTP/2 and HTTP/1.1 when `h2`.
+    pub fn connector(&self, addr: SocketAddr, h2: bool) -> Connector {
+        let tls = if h2 { self.h1_h2.clone() } else { self.h1.clone() };
+        Connector {
+            addr,
+            tls: TlsConnector::from(tls),
+            timeout: self.connect_timeout,
+        }
+    }
+
+    /// HTTP/1.1 connections to `addr` for one client connection to `sni`: the connection of its last
+    /// request is kept for the next, and parked for other clients when it goes.
+    pub fn lease(&self, addr: SocketAddr, sni: &str) -> Result<H1Lease<B>, H1Error> {
+        H1Lease::new(self.parked.clone(), self.connector(addr, false), sni)
     }
 
     /// The pooled client for connections to `addr`; HTTP/2 is offered only when `h2` (the client offered
@@ -94,15 +120,10 @@ where
         pools
             .entry((addr, h2))
             .or_insert_with(|| {
-                let tls = if h2 { self.h1_h2.clone() } else { self.h1.clone() };
-                let connector = Connector {
-                    addr,
-                    tls: TlsConnector::from(tls),
-                    timeout: self.connect_timeout,
-                };
+                let connector = self.connector(addr, h2);
                 Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(Duration::from_secs(90))
-                    .pool_max_idle_per_host(64)
+                    .pool_idle_timeout(IDLE_TIMEOUT)
+                    .pool_max_idle_per_host(MAX_IDLE_PER_KEY)
                     .build(connector)
             })
             .clone()
@@ -127,7 +148,7 @@ pub struct Connector {
     timeout: Duration,
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl tower_service::Service<Uri> for Connector {
     type Response = UpstreamConnection;
@@ -141,15 +162,27 @@ impl tower_service::Service<Uri> for Connector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let host = uri.host().ok_or("request URI without host")?.to_owned();
-            let server_name = ServerName::try_from(host)?;
-            let tcp = tokio::time::timeout(this.timeout, TcpStream::connect(this.addr))
-                .await
-                .map_err(|_| format!("connecting to {} timed out after {:?}", this.addr, this.timeout))??;
-            tcp.set_nodelay(true)?;
-            let tls = this.tls.connect(server_name, tcp).await?;
+            let host = uri.host().ok_or("request URI without host")?;
+            let tls = this.connect(host).await?;
             Ok(UpstreamConnection(TokioIo::new(tls)))
         })
+    }
+}
+
+impl Connector {
+    /// TCP to the fixed address, then verified TLS with `server_name` as SNI.
+    pub async fn connect(&self, server_name: &str) -> Result<TlsStream<TcpStream>, BoxError> {
+        let server_name = ServerName::try_from(server_name.to_owned())?;
+        let tcp = tokio::time::timeout(self.timeout, TcpStream::connect(self.addr))
+            .await
+            .map_err(|_| format!("connecting to {} timed out after {:?}", self.addr, self.timeout))??;
+        tcp.set_nodelay(true)?;
+        Ok(self.tls.connect(server_name, tcp).await?)
+    }
+
+    /// Where it connects.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 }
 
