@@ -106,5 +106,73 @@ fn mint(ca: &EnterpriseCa, sni: &str, ttl: Duration) -> Result<Arc<ServerConfig>
         .with_single_cert(chain, key_der)
         .map_err(|e| error(&e))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // The provider's suite order (AES-128-GCM first) over the client's.
+    config.ignore_client_order = true;
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use rustls::crypto::ring::cipher_suite;
+    use rustls::pki_types::ServerName;
+    use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConnection};
+
+    /// Moves TLS records between the two ends until neither has anything to send.
+    fn handshake(client: &mut ClientConnection, server: &mut ServerConnection) {
+        for _ in 0..10 {
+            let mut records = Vec::new();
+            client.write_tls(&mut records).expect("client writes");
+            if !records.is_empty() {
+                server.read_tls(&mut records.as_slice()).expect("server reads");
+                server.process_new_packets().expect("server accepts");
+            }
+            let mut replies = Vec::new();
+            server.write_tls(&mut replies).expect("server writes");
+            if !replies.is_empty() {
+                client.read_tls(&mut replies.as_slice()).expect("client reads");
+                client.process_new_packets().expect("client accepts");
+            }
+            if records.is_empty() && replies.is_empty() {
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn a_minted_leaf_is_trusted_and_its_suite_order_wins_over_the_clients() {
+        let dir = std::env::temp_dir().join(format!("interceptor-leaf-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (files, _) = crate::tls::ca::init(&dir, "Leaf Test CA").expect("init");
+        let ca = EnterpriseCa::load(&files.cert, &files.key).expect("load");
+        let server_config = mint(&ca, "api.openai.com", Duration::from_secs(3600)).expect("mint");
+
+        let mut roots = RootCertStore::empty();
+        for cert in &ca.chain {
+            roots.add(cert.clone()).expect("CA certificate");
+        }
+        // OpenSSL's order: AES-256 first.
+        let mut client_provider = rustls::crypto::ring::default_provider();
+        client_provider.cipher_suites = vec![
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+        ];
+        let client_config = ClientConfig::builder_with_provider(Arc::new(client_provider))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = ServerName::try_from("api.openai.com").expect("name");
+        let mut client = ClientConnection::new(Arc::new(client_config), name).expect("client");
+        let mut server = ServerConnection::new(server_config).expect("server");
+        handshake(&mut client, &mut server);
+        assert!(!client.is_handshaking(), "the client trusts the minted leaf");
+        assert_eq!(
+            client.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
