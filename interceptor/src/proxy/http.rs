@@ -26,7 +26,7 @@ use super::request_body::{self, BodyDemand, RequestBody};
 use crate::accounting::{AccountingSettings, Priced};
 use crate::identity::Identity;
 use crate::quota::{Decision, Demand, QuotaEngine, reject};
-use crate::tls::upstream::{Connector, Upstream};
+use crate::tls::upstream::{Connector, Upstream, authority};
 use crate::tls::upstream_h1::H1Lease;
 
 /// Request bodies sent upstream.
@@ -53,6 +53,24 @@ pub enum Forward {
     /// An HTTP/2 client: concurrent requests over the pooled client, HTTP/2 upstream when offered.
     /// Looked up once per connection, not per request.
     Pooled(Client<Connector, UpstreamBody>),
+}
+
+/// How one request goes upstream.
+enum Via<'a> {
+    Lease(&'a H1Lease<UpstreamBody>),
+    Pooled(&'a Client<Connector, UpstreamBody>),
+    /// A WebSocket upgrade: HTTP/1.1, on a connection of its own.
+    Tunnel,
+}
+
+impl HttpContext {
+    fn via(&self, websocket: bool) -> Via<'_> {
+        match &self.forward {
+            _ if websocket => Via::Tunnel,
+            Forward::Http1(lease) => Via::Lease(lease),
+            Forward::Pooled(client) => Via::Pooled(client),
+        }
+    }
 }
 
 /// Serves HTTP on a terminated TLS stream until the client closes it.
@@ -103,15 +121,15 @@ async fn handle(mut request: Request<Incoming>, ctx: &HttpContext) -> Response<C
 
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers, websocket);
-    parts.headers.remove(header::HOST);
-    let sticky = match &ctx.forward {
-        Forward::Http1(lease) if !websocket => Some(lease),
-        _ => None,
-    };
-    let uri = match sticky {
+    let via = ctx.via(websocket);
+    let uri = match via {
         // The lease writes the Host header; the request line keeps the origin form.
-        Some(_) => origin_form(&parts.uri),
-        None => upstream_uri(sni, ctx.original_dst.port(), &parts.uri),
+        Via::Lease(_) => origin_form(std::mem::take(&mut parts.uri)),
+        Via::Pooled(_) | Via::Tunnel => {
+            // The pooled client writes the Host header (or `:authority`) from the URI.
+            parts.headers.remove(header::HOST);
+            upstream_uri(sni, ctx.original_dst.port(), &parts.uri)
+        }
     };
     parts.uri = match uri {
         Ok(uri) => uri,
@@ -140,14 +158,13 @@ async fn handle(mut request: Request<Incoming>, ctx: &HttpContext) -> Response<C
         parts,
         Metered::new(prepared.body, exchange.clone(), Direction::Up),
     );
-    // WebSocket upgrades need HTTP/1.1 upstream, on a connection of their own.
-    let response = match (&ctx.forward, sticky) {
-        (_, Some(lease)) => lease.send(upstream_request).await.map_err(|e| error_chain(&e)),
-        (Forward::Pooled(client), None) if !websocket => client
+    let response = match via {
+        Via::Lease(lease) => lease.send(upstream_request).await.map_err(|e| error_chain(&e)),
+        Via::Pooled(client) => client
             .request(upstream_request)
             .await
             .map_err(|e| error_chain(&e)),
-        _ => ctx
+        Via::Tunnel => ctx
             .upstream
             .client(ctx.original_dst, false)
             .request(upstream_request)
@@ -329,23 +346,18 @@ fn request_host<B>(request: &Request<B>) -> Option<String> {
 
 fn upstream_uri(sni: &str, port: u16, original: &Uri) -> Result<Uri, http::Error> {
     let path = original.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let authority = if port == 443 {
-        sni.to_owned()
-    } else {
-        format!("{sni}:{port}")
-    };
     Uri::builder()
         .scheme("https")
-        .authority(authority)
+        .authority(authority(sni, port))
         .path_and_query(path)
         .build()
 }
 
-/// The request target in origin form (`/path?query`): as received from an HTTP/1.1 client, or cut
-/// from an absolute-form target.
-fn origin_form(original: &Uri) -> Result<Uri, http::Error> {
+/// The request target in origin form (`/path?query`): as received from an HTTP/1.1 client (kept as
+/// is), or cut from an absolute-form target.
+fn origin_form(original: Uri) -> Result<Uri, http::Error> {
     if original.scheme().is_none() && original.authority().is_none() {
-        return Ok(original.clone());
+        return Ok(original);
     }
     let path = original.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     Ok(Uri::try_from(path)?)
@@ -478,13 +490,13 @@ mod tests {
             .parse()
             .expect("uri");
         assert_eq!(
-            origin_form(&absolute).expect("uri").to_string(),
+            origin_form(absolute).expect("uri").to_string(),
             "/v1/chat/completions?x=1"
         );
         let origin: Uri = "/v1/models".parse().expect("uri");
-        assert_eq!(origin_form(&origin).expect("uri"), origin);
+        assert_eq!(origin_form(origin.clone()).expect("uri"), origin);
         let bare: Uri = "https://api.openai.com".parse().expect("uri");
-        assert_eq!(origin_form(&bare).expect("uri").to_string(), "/");
+        assert_eq!(origin_form(bare).expect("uri").to_string(), "/");
     }
 
     #[test]

@@ -130,6 +130,15 @@ where
     }
 }
 
+/// `host`, or `host:port` for a port other than HTTPS's, as URIs and Host headers write it.
+pub fn authority(host: &str, port: u16) -> String {
+    if port == 443 {
+        host.to_owned()
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 fn add_bundle(roots: &mut RootCertStore, path: &Path) -> Result<usize, UpstreamError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .map_err(|e| UpstreamError::Bundle(path.to_owned(), e.to_string()))?

@@ -15,7 +15,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
-use super::upstream::{BoxError, Connector};
+use super::upstream::{BoxError, Connector, authority};
 
 /// Why an upstream HTTP/1.1 exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -104,8 +104,8 @@ impl<B> H1Pool<B> {
         parked.push_back(Parked { sender, since: now });
     }
 
-    /// Parked connections (for tests and status).
-    pub fn idle_count(&self) -> usize {
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
         self.lock().by_key.values().map(VecDeque::len).sum()
     }
 }
@@ -131,13 +131,8 @@ where
 {
     /// A lease on connections made by `connector`, with `sni` as server name and Host header.
     pub fn new(pool: Arc<H1Pool<B>>, connector: Connector, sni: &str) -> Result<Self, H1Error> {
-        let port = connector.addr().port();
-        let host = if port == 443 {
-            HeaderValue::from_str(sni)
-        } else {
-            HeaderValue::from_str(&format!("{sni}:{port}"))
-        }
-        .map_err(|_| H1Error::Host(sni.to_owned()))?;
+        let host = HeaderValue::try_from(authority(sni, connector.addr().port()))
+            .map_err(|_| H1Error::Host(sni.to_owned()))?;
         Ok(Self {
             pool,
             key: PoolKey {
