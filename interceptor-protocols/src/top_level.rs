@@ -32,6 +32,9 @@ enum Value {
     },
 }
 
+/// Bytes of a member name kept for comparing (wanted names are shorter; a longer name matches none).
+const MAX_NAME_BYTES: usize = 64;
+
 /// Scanner state carried across chunks.
 #[derive(Debug)]
 pub struct TopLevelFields {
@@ -63,7 +66,7 @@ impl TopLevelFields {
             wanted,
             max_value_bytes,
             state: State::Start,
-            key: Vec::with_capacity(64),
+            key: Vec::with_capacity(MAX_NAME_BYTES),
             capturing: None,
             // Sized for the usual members (a usage object, a model name, an id): no regrowth.
             value: Vec::with_capacity(512),
@@ -92,17 +95,19 @@ impl TopLevelFields {
                     continue;
                 }
                 // Before the whitespace skip: white space inside a name is part of it.
-                State::Key { escaped } => {
-                    if escaped {
-                        self.state = State::Key { escaped: false };
-                    } else if byte == b'\\' {
-                        self.state = State::Key { escaped: true };
-                    } else if byte == b'"' {
-                        self.state = State::ExpectColon;
-                    }
-                    if self.key.len() < 64 {
-                        self.key.push(byte);
-                    }
+                State::Key { mut escaped } => {
+                    // The name in bulk, up to and with its closing quote.
+                    let rest = &chunk[i..];
+                    let end = string_end(rest, 0, &mut escaped);
+                    let name = &rest[..end.unwrap_or(rest.len())];
+                    let room = MAX_NAME_BYTES.saturating_sub(self.key.len());
+                    self.key.extend_from_slice(&name[..name.len().min(room)]);
+                    self.state = match end {
+                        Some(_) => State::ExpectColon,
+                        None => State::Key { escaped },
+                    };
+                    i += name.len();
+                    continue;
                 }
                 _ if byte.is_ascii_whitespace() => {}
                 State::Start => self.expect(byte == b'{', State::ExpectKey),

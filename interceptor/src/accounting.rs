@@ -3,17 +3,21 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use interceptor_protocols::{
     Accounting, Adapter, EndpointKind, Limits, PriceTable, PricedModel, Usage, UsageStatus,
 };
-use prometheus::{CounterVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{
+    Counter, CounterVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+};
 use tokio::sync::Semaphore;
 
-use crate::genai_metrics::{GenAiMetrics, Operation, operation_name, provider_name as genai_provider_name};
-use crate::metric_labels::{CappedVec, IdentityLabels, IdentityValues, MAX_LABELS};
+use crate::genai_metrics::{
+    GenAiMetrics, Operation, OperationHandles, operation_name, provider_name as genai_provider_name,
+};
+use crate::metric_labels::{CappedHandle, CappedVec, IdentityLabels, IdentityValues, MAX_LABELS};
 use crate::policy::{Policy, StreamUsage};
 
 /// Accounting settings shared by every connection.
@@ -254,14 +258,18 @@ impl AccountingMetrics {
         })
     }
 
-    /// Records a finished exchange.
-    pub fn record(&self, exchange: &Measured<'_>) {
+    /// Records a finished exchange; `memo` (the connection's) keeps the handles for its next one.
+    pub fn record(&self, exchange: &Measured<'_>, memo: Option<&HandleMemo>) {
         let provider = exchange.provider;
         let accounting = exchange.accounting;
         let labels = &*self.labels;
         let identity = &exchange.identity;
         let mut buffer = [""; MAX_LABELS];
-        let stream = accounting.is_some_and(|a| a.stream);
+        let stream = if accounting.is_some_and(|a| a.stream) {
+            "true"
+        } else {
+            "false"
+        };
         let requested = label_value(exchange.requested_model.unwrap_or(""));
         let response_model = label_value(exchange.response_model.unwrap_or(""));
         let family = match exchange.priced {
@@ -269,32 +277,70 @@ impl AccountingMetrics {
             _ => "unpriced",
         };
         let request_model = if family == "unpriced" { &*requested } else { family };
-        let fixed = [
-            provider,
-            exchange.kind.name(),
-            request_model,
-            if stream { "true" } else { "false" },
-            status_class(exchange.status),
-        ];
-        let n = labels.values(&mut buffer, &fixed, identity);
-        self.requests.get(&buffer[..n]).inc();
-        let result = accounting.map_or(UsageStatus::NotReported, |a| a.status);
-        self.usage.with_label_values(&[provider, result.name()]).inc();
+        let status_class = status_class(exchange.status);
+        let result = accounting.map_or(UsageStatus::NotReported, |a| a.status).name();
+        let estimated = if accounting.is_some_and(|a| a.status == UsageStatus::Estimated) {
+            "true"
+        } else {
+            "false"
+        };
         let error_type = accounting
             .and_then(|a| a.observation.error.as_ref())
             .map(|e| label_value(&e.kind));
-        if exchange.status >= 400 || error_type.is_some() {
+        let failed = exchange.status >= 400 || error_type.is_some();
+        if failed {
             let status = exchange.status.to_string();
             self.provider_errors
                 .with_label_values(&[provider, &status, error_type.as_deref().unwrap_or("")])
                 .inc();
         }
-        let usage = accounting.and_then(|a| a.usage);
         let genai_error = match (&error_type, exchange.status) {
             (Some(kind), _) => &**kind,
-            (None, status) if status >= 400 => status_class(status),
+            (None, status) if status >= 400 => status_class,
             _ => "",
         };
+        // Failures are rare and vary: their handles are looked up, not memoized.
+        let mut memo = memo.filter(|_| !failed).and_then(|memo| memo.0.try_lock().ok());
+        let mut unmemoized = Handles::default();
+        let handles = match memo.as_deref_mut() {
+            Some(memo) => memo.select(&[
+                provider,
+                exchange.kind.name(),
+                &requested,
+                &response_model,
+                family,
+                stream,
+                status_class,
+                result,
+                estimated,
+                exchange.host,
+                identity.namespace,
+                identity.workload,
+                identity.pod,
+                identity.process,
+            ]),
+            None => &mut unmemoized,
+        };
+        handles
+            .requests
+            .get_or_insert_with(|| {
+                let fixed = [
+                    provider,
+                    exchange.kind.name(),
+                    request_model,
+                    stream,
+                    status_class,
+                ];
+                let n = labels.values(&mut buffer, &fixed, identity);
+                self.requests.handle(&buffer[..n])
+            })
+            .metric()
+            .inc();
+        handles
+            .usage
+            .get_or_insert_with(|| self.usage.with_label_values(&[provider, result]))
+            .inc();
+        let usage = accounting.and_then(|a| a.usage);
         self.genai.record(
             labels,
             identity,
@@ -309,35 +355,86 @@ impl AccountingMetrics {
                 first_chunk_seconds: exchange.first_chunk.map(|d| d.as_secs_f64()),
                 tokens: usage.map(|u| (u.input_tokens, u.output_tokens)),
             },
+            &mut handles.genai,
         );
         let Some(usage) = usage else {
             return;
         };
         match exchange.priced {
-            Priced::Priced { priced_as, cost } => {
-                let n = labels.values(&mut buffer, &[provider, priced_as], identity);
-                self.cost.get(&buffer[..n]).inc_by(cost.usd());
-            }
-            _ => self.unpriced.with_label_values(&[provider]).inc(),
+            Priced::Priced { priced_as, cost } => handles
+                .cost
+                .get_or_insert_with(|| {
+                    let n = labels.values(&mut buffer, &[provider, priced_as], identity);
+                    self.cost.handle(&buffer[..n])
+                })
+                .metric()
+                .inc_by(cost.usd()),
+            _ => handles
+                .unpriced
+                .get_or_insert_with(|| self.unpriced.with_label_values(&[provider]))
+                .inc(),
         }
-        let estimated = if accounting.is_some_and(|a| a.status == UsageStatus::Estimated) {
-            "true"
-        } else {
-            "false"
-        };
-        for (kind, count) in [
+        let counts = [
             ("input", usage.input_tokens),
             ("cached_input", usage.cached_input_tokens),
             ("cache_write", usage.cache_write_tokens),
             ("output", usage.output_tokens),
             ("reasoning", usage.reasoning_tokens),
-        ] {
+        ];
+        for (slot, (kind, count)) in handles.tokens.iter_mut().zip(counts) {
             if count > 0 {
-                let n = labels.values(&mut buffer, &[provider, family, kind, estimated], identity);
-                self.tokens.get(&buffer[..n]).inc_by(count);
+                slot.get_or_insert_with(|| {
+                    let n = labels.values(&mut buffer, &[provider, family, kind, estimated], identity);
+                    self.tokens.handle(&buffer[..n])
+                })
+                .metric()
+                .inc_by(count);
             }
         }
     }
+}
+
+/// The metric handles of a connection's last request, reused while its label values repeat (a
+/// keep-alive connection mostly asks for the same model and gets the same status): its next request
+/// costs no label hashing and no map lookup. One per connection; a request that finds it busy
+/// (concurrent HTTP/2 streams) looks its handles up instead.
+#[derive(Default)]
+pub struct HandleMemo(Mutex<Memo>);
+
+#[derive(Default)]
+struct Memo {
+    /// Every label value the handles were made from, each followed by 0xff (never in UTF-8 text).
+    key: Vec<u8>,
+    scratch: Vec<u8>,
+    handles: Handles,
+}
+
+impl Memo {
+    /// The handles for these label values: the kept ones if the values are the same, else none yet.
+    fn select(&mut self, values: &[&str]) -> &mut Handles {
+        self.scratch.clear();
+        for value in values {
+            self.scratch.extend_from_slice(value.as_bytes());
+            self.scratch.push(0xff);
+        }
+        if self.scratch != self.key {
+            std::mem::swap(&mut self.scratch, &mut self.key);
+            self.handles = Handles::default();
+        }
+        &mut self.handles
+    }
+}
+
+/// Handles of one request's label sets, filled as they are first needed.
+#[derive(Default)]
+struct Handles {
+    requests: Option<CappedHandle<IntCounter>>,
+    usage: Option<IntCounter>,
+    genai: OperationHandles,
+    cost: Option<CappedHandle<Counter>>,
+    unpriced: Option<IntCounter>,
+    /// input, cached_input, cache_write, output, reasoning.
+    tokens: [Option<CappedHandle<IntCounter>>; 5],
 }
 
 /// What the usage metrics take from one finished exchange.
@@ -410,6 +507,110 @@ mod tests {
     }
 
     const HEADER: &str = "apiVersion: interceptor.dev/v1alpha1\nkind: InterceptorPolicy\n";
+
+    fn reported(model: &str, input: u64, output: u64) -> Accounting {
+        Accounting {
+            observation: interceptor_protocols::Observation {
+                model: Some(model.into()),
+                ..Default::default()
+            },
+            usage: Some(Usage {
+                input_tokens: input,
+                output_tokens: output,
+                ..Usage::default()
+            }),
+            status: UsageStatus::Reported,
+            stream: false,
+            problem: None,
+            kept_events: None,
+        }
+    }
+
+    fn measured<'a>(
+        accounting: &'a Accounting,
+        priced: &'a Priced,
+        status: u16,
+        namespace: &'a str,
+    ) -> Measured<'a> {
+        Measured {
+            provider: "openai",
+            adapter: Adapter::Openai,
+            kind: EndpointKind::Chat,
+            status,
+            host: "api.openai.com",
+            requested_model: accounting.observation.model.as_deref(),
+            response_model: accounting.observation.model.as_deref(),
+            accounting: Some(accounting),
+            priced,
+            identity: IdentityValues {
+                namespace,
+                ..IdentityValues::default()
+            },
+            duration: Duration::from_millis(20),
+            first_chunk: None,
+        }
+    }
+
+    #[test]
+    fn a_connection_memo_counts_like_lookups_and_follows_changed_labels() {
+        let registry = Registry::new();
+        let labels = Arc::new(
+            IdentityLabels::new(&[crate::metric_labels::IdentityLabel::Namespace], 2, &registry)
+                .expect("labels"),
+        );
+        let metrics = AccountingMetrics::register(&registry, labels).expect("metrics");
+        let memo = HandleMemo::default();
+        let unpriced = Priced::UnknownModel;
+        let mini = reported("gpt-4o-mini", 10, 5);
+        let other = reported("o3", 7, 3);
+        for _ in 0..3 {
+            metrics.record(&measured(&mini, &unpriced, 200, "a"), Some(&memo));
+        }
+        metrics.record(&measured(&other, &unpriced, 200, "a"), Some(&memo));
+        metrics.record(&measured(&mini, &unpriced, 200, "a"), Some(&memo));
+        // Past the cap of two label sets: the overflow series, counted through the memo too.
+        metrics.record(&measured(&mini, &unpriced, 200, "b"), Some(&memo));
+        metrics.record(&measured(&mini, &unpriced, 200, "b"), Some(&memo));
+        // A failure bypasses the memo (and overflows as a third set).
+        metrics.record(&measured(&mini, &unpriced, 500, "a"), Some(&memo));
+        let overflow = crate::metric_labels::OVERFLOW;
+        let requests = |model: &str, class: &str, namespace: &str| {
+            metrics
+                .requests
+                .get(&["openai", "chat", model, "false", class, namespace])
+                .get()
+        };
+        assert_eq!(requests("gpt-4o-mini", "2xx", "a"), 4);
+        assert_eq!(requests("o3", "2xx", "a"), 1);
+        assert_eq!(requests("gpt-4o-mini", "2xx", overflow), 2);
+        assert_eq!(requests("gpt-4o-mini", "5xx", overflow), 1);
+        let mut exposition = String::new();
+        prometheus::TextEncoder::new()
+            .encode_utf8(&registry.gather(), &mut exposition)
+            .expect("encode");
+        // The assertions' own lookups of refused sets count too (two of them above).
+        assert!(
+            exposition.contains(
+                "interceptor_metric_series_overflow_total{metric=\"interceptor_provider_requests_total\"} 5"
+            ),
+            "{exposition}"
+        );
+        let tokens = |kind: &str, namespace: &str| {
+            metrics
+                .tokens
+                .get(&["openai", "unpriced", kind, "false", namespace])
+                .get()
+        };
+        assert_eq!(tokens("input", "a"), 3 * 10 + 7 + 10 + 10);
+        assert_eq!(tokens("output", "a"), 3 * 5 + 3 + 5 + 5);
+        assert_eq!(tokens("input", overflow), 2 * 10);
+        assert_eq!(metrics.unpriced.with_label_values(&["openai"]).get(), 8);
+        let key = memo.0.lock().expect("memo").key.clone();
+        assert!(
+            key.ends_with(b"\xffb\xff\xff\xff\xff"),
+            "the memo holds the last memoized label values"
+        );
+    }
 
     #[test]
     fn provider_sections_win_and_families_are_the_fallback() {

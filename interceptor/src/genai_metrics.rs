@@ -4,9 +4,9 @@
 //! conventions v1.37) plus the operator's identity labels.
 
 use interceptor_protocols::{Adapter, EndpointKind};
-use prometheus::{HistogramOpts, HistogramVec, Registry};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, Registry};
 
-use crate::metric_labels::{CappedVec, IdentityLabels, IdentityValues, MAX_LABELS};
+use crate::metric_labels::{CappedHandle, CappedVec, IdentityLabels, IdentityValues, MAX_LABELS};
 
 /// `gen_ai.client.token.usage` bucket boundaries (semantic conventions).
 const TOKEN_BUCKETS: [f64; 14] = [
@@ -129,7 +129,13 @@ impl GenAiMetrics {
     }
 
     /// Records a finished operation.
-    pub fn record(&self, labels: &IdentityLabels, identity: &IdentityValues<'_>, op: &Operation<'_>) {
+    pub fn record(
+        &self,
+        labels: &IdentityLabels,
+        identity: &IdentityValues<'_>,
+        op: &Operation<'_>,
+        handles: &mut OperationHandles,
+    ) {
         let common = [
             op.operation,
             op.provider,
@@ -139,21 +145,49 @@ impl GenAiMetrics {
         ];
         let mut buffer = [""; MAX_LABELS];
         if let Some((input, output)) = op.tokens {
-            for (token_type, count) in [("input", input), ("output", output)] {
-                let n = labels.values(&mut buffer, &and(common, token_type), identity);
-                self.token_usage.get(&buffer[..n]).observe(count as f64);
+            for (slot, (token_type, count)) in handles
+                .tokens
+                .iter_mut()
+                .zip([("input", input), ("output", output)])
+            {
+                slot.get_or_insert_with(|| {
+                    let n = labels.values(&mut buffer, &and(common, token_type), identity);
+                    self.token_usage.handle(&buffer[..n])
+                })
+                .metric()
+                .observe(count as f64);
             }
         }
-        let n = labels.values(&mut buffer, &and(common, op.error_type), identity);
-        self.duration.get(&buffer[..n]).observe(op.duration_seconds);
+        handles
+            .duration
+            .get_or_insert_with(|| {
+                let n = labels.values(&mut buffer, &and(common, op.error_type), identity);
+                self.duration.handle(&buffer[..n])
+            })
+            .metric()
+            .observe(op.duration_seconds);
         if let Some(seconds) = op.first_chunk_seconds {
-            let n = labels.values(&mut buffer, &common, identity);
-            self.first_chunk.get(&buffer[..n]).observe(seconds);
+            handles
+                .first_chunk
+                .get_or_insert_with(|| {
+                    let n = labels.values(&mut buffer, &common, identity);
+                    self.first_chunk.handle(&buffer[..n])
+                })
+                .metric()
+                .observe(seconds);
         }
     }
 }
 
-/// The common labels followed by one more.
+/// The handles of one operation's label sets, filled as they are first needed (kept by
+/// `accounting::HandleMemo` while a connection's label values repeat).
+#[derive(Default)]
+pub struct OperationHandles {
+    tokens: [Option<CappedHandle<Histogram>>; 2],
+    duration: Option<CappedHandle<Histogram>>,
+    first_chunk: Option<CappedHandle<Histogram>>,
+}
+
 fn and<'a>(common: [&'a str; 5], last: &'a str) -> [&'a str; 6] {
     let [a, b, c, d, e] = common;
     [a, b, c, d, e, last]
@@ -213,6 +247,7 @@ mod tests {
                 first_chunk_seconds: Some(0.1),
                 tokens: Some((100, 20)),
             },
+            &mut OperationHandles::default(),
         );
         let mut text = String::new();
         prometheus::TextEncoder::new()

@@ -173,7 +173,7 @@ struct CappedInner<V: LabeledVec> {
     identity_count: usize,
     handle_key: std::hash::RandomState,
     /// Keyed hash of the label values as asked → their handle.
-    handles: RwLock<HashMap<u64, CachedHandle<V::Metric>, rustc_hash::FxBuildHasher>>,
+    handles: RwLock<HashMap<u64, CappedHandle<V::Metric>, rustc_hash::FxBuildHasher>>,
 }
 
 /// A prometheus metric vector (`IntCounterVec`, `CounterVec`, `HistogramVec`).
@@ -189,44 +189,56 @@ impl<T: MetricVecBuilder> LabeledVec for MetricVec<T> {
     }
 }
 
-struct CachedHandle<M> {
+/// A handle of a capped family, kept to observe the same label set again without a lookup.
+#[derive(Clone)]
+pub struct CappedHandle<M> {
     metric: M,
-    /// The label set was refused by the cap: `metric` is the overflow series.
-    overflowed: bool,
+    /// The family's overflow counter, when the label set was refused by the cap (`metric` is then
+    /// the overflow series): every observation through the handle counts there too.
+    overflowed: Option<prometheus::IntCounter>,
+}
+
+impl<M> CappedHandle<M> {
+    /// The metric to observe (counting the observation as an overflow when it is one).
+    pub fn metric(&self) -> &M {
+        if let Some(overflows) = &self.overflowed {
+            overflows.inc();
+        }
+        &self.metric
+    }
 }
 
 impl<V: LabeledVec> CappedVec<V> {
     /// The metric for `values` (fixed labels, then the identity labels), or the family's overflow
     /// series once the cap is reached.
     pub fn get(&self, values: &[&str]) -> V::Metric {
+        self.handle(values).metric().clone()
+    }
+
+    /// The handle for `values`, to keep and observe through (see [`CappedHandle::metric`]).
+    pub fn handle(&self, values: &[&str]) -> CappedHandle<V::Metric> {
         let this = &*self.0;
         let hash = this.handle_key.hash_one(values);
         if let Ok(handles) = this.handles.read()
             && let Some(found) = handles.get(&hash)
         {
-            if found.overflowed {
-                this.cap.overflows.inc();
-            }
-            return found.metric.clone();
+            return found.clone();
         }
         let mut admitted = [""; MAX_LABELS];
         let n = values.len().min(MAX_LABELS);
         admitted[..n].copy_from_slice(&values[..n]);
-        let overflowed = !this.cap.admit(&mut admitted[..n], this.identity_count);
-        let metric = this.vec.with_label_values(&admitted[..n]);
+        let overflowed = !this.cap.admit_uncounted(&mut admitted[..n], this.identity_count);
+        let handle = CappedHandle {
+            metric: this.vec.with_label_values(&admitted[..n]),
+            overflowed: overflowed.then(|| this.cap.overflows.clone()),
+        };
         if let Ok(mut handles) = this.handles.write() {
             if handles.len() >= CACHED_HANDLES {
                 handles.clear();
             }
-            handles.insert(
-                hash,
-                CachedHandle {
-                    metric: metric.clone(),
-                    overflowed,
-                },
-            );
+            handles.insert(hash, handle.clone());
         }
-        metric
+        handle
     }
 }
 
@@ -266,6 +278,15 @@ impl SeriesCap {
     /// `values` (fixed labels, then `identity_count` identity labels) as they may be used: unchanged
     /// (true), or with the identity replaced by [`OVERFLOW`] once the family is full (false).
     pub fn admit(&self, values: &mut [&str], identity_count: usize) -> bool {
+        let admitted = self.admit_uncounted(values, identity_count);
+        if !admitted {
+            self.overflows.inc();
+        }
+        admitted
+    }
+
+    /// [`SeriesCap::admit`] without counting the overflow (the caller counts its observations).
+    fn admit_uncounted(&self, values: &mut [&str], identity_count: usize) -> bool {
         if identity_count == 0 || self.admitted(values) {
             return true;
         }
@@ -273,7 +294,6 @@ impl SeriesCap {
         for value in &mut values[start..] {
             *value = OVERFLOW;
         }
-        self.overflows.inc();
         false
     }
 

@@ -1,12 +1,14 @@
 //! One audit line. The entry holds what the record already has (shared identity, moved strings) and
 //! is turned into JSON on the writer thread, so the data path neither formats nor copies identities.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
 use http::HeaderValue;
 use serde::Serialize;
 use serde::ser::SerializeMap as _;
+use serde_json::value::RawValue;
 
 use crate::kubernetes::{PodIdentity, PodStatus};
 use crate::proxy::exchange::ConnInfo;
@@ -116,12 +118,98 @@ impl Serialize for Identity<'_> {
     }
 }
 
-impl Serialize for AuditEntry {
+/// The `identity` objects of recent connections, serialized once per connection rather than once
+/// per line (a keep-alive connection's requests share their identity; its strings, such as the
+/// cgroup path and executable, are most of a line's escaping work). Lives on the writer thread.
+#[derive(Default)]
+pub struct IdentityCache {
+    entries: HashMap<usize, CachedIdentity>,
+}
+
+struct CachedIdentity {
+    /// Keeps the connection's allocation (not its value) alive, so its address, the key, cannot
+    /// name another connection while the entry exists.
+    conn: Weak<ConnInfo>,
+    pod: Option<Weak<PodIdentity>>,
+    pod_status: Option<PodStatus>,
+    json: Box<RawValue>,
+}
+
+/// Connections whose identity is remembered; past it, the entries of closed connections go first.
+const CACHED_IDENTITIES: usize = 4096;
+
+impl IdentityCache {
+    /// The entry's `identity` object as JSON.
+    fn identity(&mut self, entry: &AuditEntry) -> Result<&RawValue, serde_json::Error> {
+        // The cached weak references keep both allocations, so an equal address is the same one.
+        let key = Arc::as_ptr(&entry.conn) as usize;
+        let fresh = self.entries.get(&key).is_some_and(|cached| {
+            cached.pod_status == entry.pod_status
+                && match (&cached.pod, &entry.pod) {
+                    (Some(cached), Some(pod)) => std::ptr::eq(cached.as_ptr(), Arc::as_ptr(pod)),
+                    (None, None) => true,
+                    _ => false,
+                }
+        });
+        if !fresh {
+            if self.entries.len() >= CACHED_IDENTITIES {
+                self.entries.retain(|_, cached| cached.conn.strong_count() > 0);
+                if self.entries.len() >= CACHED_IDENTITIES {
+                    self.entries.clear();
+                }
+            }
+            let json = serde_json::value::to_raw_value(&Identity(entry))?;
+            self.entries.insert(
+                key,
+                CachedIdentity {
+                    conn: Arc::downgrade(&entry.conn),
+                    pod: entry.pod.as_ref().map(Arc::downgrade),
+                    pod_status: entry.pod_status,
+                    json,
+                },
+            );
+        }
+        match self.entries.get(&key) {
+            Some(cached) => Ok(&cached.json),
+            None => Err(serde::ser::Error::custom("identity cache entry missing")),
+        }
+    }
+}
+
+/// One audit line: the entry with its identity already serialized.
+pub struct Line<'a> {
+    entry: &'a AuditEntry,
+    identity: &'a RawValue,
+}
+
+impl<'a> Line<'a> {
+    pub fn new(entry: &'a AuditEntry, identities: &'a mut IdentityCache) -> Result<Self, serde_json::Error> {
+        let identity = identities.identity(entry)?;
+        Ok(Self { entry, identity })
+    }
+}
+
+impl Serialize for Line<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let entry = self.entry;
         let mut map = serializer.serialize_map(None)?;
-        map.serialize_entry("time", &rfc3339(self.time))?;
-        map.serialize_entry("id", &self.id.to_string())?;
-        map.serialize_entry("identity", &Identity(self))?;
+        map.serialize_entry("time", &rfc3339(entry.time))?;
+        map.serialize_entry(
+            "id",
+            entry
+                .id
+                .as_hyphenated()
+                .encode_lower(&mut uuid::Uuid::encode_buffer()),
+        )?;
+        map.serialize_entry("identity", self.identity)?;
+        entry.serialize_rest(&mut map)?;
+        map.end()
+    }
+}
+
+impl AuditEntry {
+    /// Every member after `identity`.
+    fn serialize_rest<M: serde::ser::SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
         map.serialize_entry("provider", &*self.conn.provider)?;
         map.serialize_entry("host", &self.conn.sni)?;
         map.serialize_entry("endpoint", self.endpoint)?;
@@ -171,13 +259,114 @@ impl Serialize for AuditEntry {
         if let Some(content) = &self.content {
             map.serialize_entry("content", content)?;
         }
-        map.end()
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::{KernelFacts, ProcessDetails};
+    use crate::kubernetes::{PodRef, Workload, WorkloadSource};
+
+    fn conn(comm: &str) -> Arc<ConnInfo> {
+        Arc::new(ConnInfo {
+            facts: KernelFacts {
+                original_dst: "203.0.113.10:443".parse().expect("addr"),
+                tgid: 42,
+                pid: 42,
+                uid: 1000,
+                gid: 1000,
+                cgroup_id: 7,
+                netns_cookie: 1,
+                socket_cookie: 1,
+                comm: comm.into(),
+            },
+            details: Arc::new(ProcessDetails {
+                cgroup: Some("/kubepods.slice/x \"quoted\"".into()),
+                ..ProcessDetails::default()
+            }),
+            pod: PodRef::NotAPod,
+            pods: None,
+            sni: "api.openai.com".into(),
+            provider: "openai".into(),
+            adapter: interceptor_protocols::Adapter::Openai,
+            content_limit: None,
+            metric_handles: Default::default(),
+        })
+    }
+
+    fn entry(conn: &Arc<ConnInfo>, pod: Option<Arc<PodIdentity>>, path: &str) -> AuditEntry {
+        AuditEntry {
+            time: SystemTime::UNIX_EPOCH,
+            id: uuid::Uuid::nil(),
+            conn: conn.clone(),
+            pod_status: pod.as_ref().map(|_| PodStatus::Known),
+            pod,
+            endpoint: "chat",
+            method: http::Method::POST,
+            path: path.into(),
+            model: None,
+            requested_model: None,
+            stream: false,
+            status: 200,
+            usage: "reported",
+            tokens: None,
+            estimated: false,
+            cost_usd: None,
+            latency_ms: 1.0,
+            ttfb_ms: None,
+            ttft_ms: None,
+            decision: None,
+            rule: None,
+            limit: None,
+            provider_request_id: None,
+            response_id: None,
+            error: None,
+            content: None,
+        }
+    }
+
+    fn line(entry: &AuditEntry, cache: &mut IdentityCache) -> serde_json::Value {
+        let text = serde_json::to_string(&Line::new(entry, cache).expect("line")).expect("json");
+        serde_json::from_str(&text).expect("one JSON object")
+    }
+
+    #[test]
+    fn a_connection_identity_is_serialized_once_and_follows_its_pod() {
+        let mut cache = IdentityCache::default();
+        let first = conn("python3");
+        let a = line(&entry(&first, None, "/v1/a"), &mut cache);
+        let b = line(&entry(&first, None, "/v1/b"), &mut cache);
+        assert_eq!(a["identity"], b["identity"]);
+        assert_eq!(a["identity"]["comm"], "python3");
+        assert_eq!(a["identity"]["cgroup"], "/kubepods.slice/x \"quoted\"");
+        assert_eq!(
+            (a["path"].as_str(), b["path"].as_str()),
+            (Some("/v1/a"), Some("/v1/b"))
+        );
+        assert_eq!(a["id"], "00000000-0000-0000-0000-000000000000");
+        assert_eq!(cache.entries.len(), 1);
+        // The pod was listed after the connection's first request: its next lines name it.
+        let pod = Arc::new(PodIdentity {
+            uid: "uid-1".into(),
+            namespace: "team-a".into(),
+            name: "chat-1".into(),
+            labels: Box::new([]),
+            service_account: None,
+            node: None,
+            workload: Workload::new("Deployment", "chat"),
+            workload_source: WorkloadSource::Resolved,
+        });
+        let c = line(&entry(&first, Some(pod.clone()), "/v1/c"), &mut cache);
+        assert_eq!(c["identity"]["namespace"], "team-a");
+        assert_eq!(c["identity"]["workload"], "Deployment/chat");
+        // Another connection never gets the first one's identity.
+        let second = conn("node");
+        let d = line(&entry(&second, None, "/v1/d"), &mut cache);
+        assert_eq!(d["identity"]["comm"], "node");
+        assert_eq!(cache.entries.len(), 2);
+    }
 
     #[test]
     fn timestamps_are_rfc3339_utc_with_milliseconds() {

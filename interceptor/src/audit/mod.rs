@@ -231,6 +231,7 @@ struct Batch {
     bytes: Vec<u8>,
     lines: u64,
     line: Vec<u8>,
+    identities: entry::IdentityCache,
     /// The last write failed (one warning per outage, not one per line).
     failing: bool,
 }
@@ -238,7 +239,9 @@ struct Batch {
 impl Batch {
     fn add(&mut self, entry: &AuditEntry, sink: &mut dyn LineSink, metrics: &AuditMetrics) {
         self.line.clear();
-        if let Err(e) = serde_json::to_writer(&mut self.line, entry) {
+        let written = entry::Line::new(entry, &mut self.identities)
+            .and_then(|line| serde_json::to_writer(&mut self.line, &line));
+        if let Err(e) = written {
             warn!(error = %e, "cannot serialize an audit line");
             metrics.dropped.with_label_values(&["write_error"]).inc();
             return;

@@ -138,6 +138,7 @@ pub async fn handle(
                         provider: provider.name,
                         adapter: provider.adapter,
                         content_limit,
+                        metric_handles: Default::default(),
                     });
                     let (mode, outcome) = terminate(ctx, client, buffer, conn, offered_h2, &abort).await;
                     (mode, sni, outcome)

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue};
+use http::HeaderValue;
 use http_body::{Body, Frame, SizeHint};
 use interceptor_protocols::{Accounting, Adapter, Route};
 
@@ -35,6 +35,8 @@ pub struct ConnInfo {
     pub adapter: Adapter,
     /// Bytes of each body kept for the audit log (`audit.content` selected this connection).
     pub content_limit: Option<usize>,
+    /// The usage metrics' handles of the connection's last request.
+    pub metric_handles: crate::accounting::HandleMemo,
 }
 
 /// What the request body said (when it was read).
@@ -60,36 +62,41 @@ pub struct ResponseMeta {
     pub remaining_tokens: Option<HeaderValue>,
 }
 
-/// Header names parsed once (a lookup by `&str` parses and validates the name every time).
-static REQUEST_ID: [HeaderName; 4] = [
-    HeaderName::from_static("x-request-id"),
-    HeaderName::from_static("request-id"),
-    HeaderName::from_static("x-amzn-requestid"),
-    HeaderName::from_static("apim-request-id"),
-];
-static RETRY_AFTER: [HeaderName; 2] = [
-    http::header::RETRY_AFTER,
-    HeaderName::from_static("retry-after-ms"),
-];
-static REMAINING_REQUESTS: [HeaderName; 2] = [
-    HeaderName::from_static("x-ratelimit-remaining-requests"),
-    HeaderName::from_static("anthropic-ratelimit-requests-remaining"),
-];
-static REMAINING_TOKENS: [HeaderName; 3] = [
-    HeaderName::from_static("x-ratelimit-remaining-tokens"),
-    HeaderName::from_static("anthropic-ratelimit-tokens-remaining"),
-    HeaderName::from_static("anthropic-ratelimit-input-tokens-remaining"),
-];
-
 impl ResponseMeta {
+    /// One pass over the response headers (a lookup per candidate name hashes each name). Where
+    /// providers differ in naming, the earlier name of each list wins; of repeated headers, the
+    /// first value.
     pub fn from_headers(headers: &http::HeaderMap) -> Self {
-        let first = |names: &[HeaderName]| names.iter().find_map(|name| headers.get(name).cloned());
-        Self {
-            request_id: first(&REQUEST_ID),
-            retry_after: first(&RETRY_AFTER),
-            remaining_requests: first(&REMAINING_REQUESTS),
-            remaining_tokens: first(&REMAINING_TOKENS),
+        let mut meta = Self::default();
+        // Per field: the rank of the name its value came from (lower wins).
+        let mut found = [usize::MAX; 4];
+        for (name, value) in headers {
+            let (field, rank) = match name.as_str() {
+                "x-request-id" => (0, 0),
+                "request-id" => (0, 1),
+                "x-amzn-requestid" => (0, 2),
+                "apim-request-id" => (0, 3),
+                "retry-after" => (1, 0),
+                "retry-after-ms" => (1, 1),
+                "x-ratelimit-remaining-requests" => (2, 0),
+                "anthropic-ratelimit-requests-remaining" => (2, 1),
+                "x-ratelimit-remaining-tokens" => (3, 0),
+                "anthropic-ratelimit-tokens-remaining" => (3, 1),
+                "anthropic-ratelimit-input-tokens-remaining" => (3, 2),
+                _ => continue,
+            };
+            if rank < found[field] {
+                found[field] = rank;
+                let slot = match field {
+                    0 => &mut meta.request_id,
+                    1 => &mut meta.retry_after,
+                    2 => &mut meta.remaining_requests,
+                    _ => &mut meta.remaining_tokens,
+                };
+                *slot = Some(value.clone());
+            }
         }
+        meta
     }
 }
 
@@ -354,5 +361,34 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_meta_prefers_the_earlier_name_and_the_first_value() {
+        let mut headers = http::HeaderMap::new();
+        headers.append("apim-request-id", HeaderValue::from_static("azure"));
+        headers.append("x-request-id", HeaderValue::from_static("first"));
+        headers.append("x-request-id", HeaderValue::from_static("second"));
+        headers.append("retry-after-ms", HeaderValue::from_static("1500"));
+        headers.append(
+            "anthropic-ratelimit-input-tokens-remaining",
+            HeaderValue::from_static("9"),
+        );
+        headers.append(
+            "anthropic-ratelimit-tokens-remaining",
+            HeaderValue::from_static("10"),
+        );
+        headers.append("content-type", HeaderValue::from_static("application/json"));
+        let meta = ResponseMeta::from_headers(&headers);
+        let text = |v: &Option<HeaderValue>| v.as_ref().and_then(|v| v.to_str().ok()).map(str::to_owned);
+        assert_eq!(text(&meta.request_id).as_deref(), Some("first"));
+        assert_eq!(text(&meta.retry_after).as_deref(), Some("1500"));
+        assert_eq!(text(&meta.remaining_requests), None);
+        assert_eq!(text(&meta.remaining_tokens).as_deref(), Some("10"));
     }
 }

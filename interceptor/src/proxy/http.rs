@@ -331,17 +331,24 @@ fn local(exchange: &Arc<Exchange>, status: StatusCode, body: String) -> Response
     response
 }
 
-/// The host the request names (URI authority for HTTP/2, else the Host header), without port.
-fn request_host<B>(request: &Request<B>) -> Option<String> {
-    let authority = match request.uri().authority() {
-        Some(authority) => authority.host().to_owned(),
-        None => {
-            let value = request.headers().get(header::HOST)?.to_str().ok()?;
-            let authority: http::uri::Authority = value.parse().ok()?;
-            authority.host().to_owned()
-        }
+/// The host the request names (URI authority for HTTP/2, else the Host header), without port or
+/// trailing dot.
+fn request_host<B>(request: &Request<B>) -> Option<&str> {
+    let host = match request.uri().authority() {
+        Some(authority) => authority.host(),
+        None => host_of(request.headers().get(header::HOST)?.to_str().ok()?),
     };
-    Some(authority.trim_end_matches('.').to_owned())
+    Some(host.trim_end_matches('.'))
+}
+
+/// The host of an authority (`host`, `host:port`, `[v6]:port`; user info skipped), read the way
+/// `http::uri::Authority::host` reads it, without parsing (and copying) the whole authority.
+fn host_of(authority: &str) -> &str {
+    let after_user = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    if after_user.starts_with('[') {
+        return after_user.find(']').map_or(after_user, |end| &after_user[..=end]);
+    }
+    after_user.split_once(':').map_or(after_user, |(host, _)| host)
 }
 
 fn upstream_uri(sni: &str, port: u16, original: &Uri) -> Result<Uri, http::Error> {
@@ -372,12 +379,28 @@ fn is_websocket_upgrade<B>(request: &Request<B>) -> bool {
             .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// Every header `strip_hop_by_hop` may remove or rewrite without a `Connection` header naming it.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    header::UPGRADE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+];
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): those named in `Connection` and the standard set.
 /// With `keep_upgrade`, `Connection: upgrade` and `Upgrade` pass (WebSocket handshakes).
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over the names instead of a lookup per hop-by-hop name.
+    if !keep_upgrade && !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -401,8 +424,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     ] {
         headers.remove(name);
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
     if !te_trailers {
         headers.remove(header::TE);
     }
@@ -473,15 +496,40 @@ mod tests {
             .uri("https://API.openai.com/v1/models")
             .body(())
             .expect("request");
-        assert_eq!(request_host(&request).as_deref(), Some("API.openai.com"));
+        assert_eq!(request_host(&request), Some("API.openai.com"));
         let request = Request::builder()
             .uri("/v1")
             .header("host", "api.openai.com:443")
             .body(())
             .expect("request");
-        assert_eq!(request_host(&request).as_deref(), Some("api.openai.com"));
+        assert_eq!(request_host(&request), Some("api.openai.com"));
         let request = Request::builder().uri("/v1").body(()).expect("request");
         assert_eq!(request_host(&request), None);
+        let request = Request::builder()
+            .uri("/v1")
+            .header("host", "api.openai.com.")
+            .body(())
+            .expect("request");
+        assert_eq!(request_host(&request), Some("api.openai.com"));
+    }
+
+    #[test]
+    fn hosts_are_read_as_http_reads_authorities() {
+        for authority in [
+            "api.openai.com",
+            "api.openai.com:443",
+            "user@api.openai.com:8443",
+            "[2001:db8::1]:443",
+            "[2001:db8::1]",
+            "a@b@c.example:1",
+            "",
+        ] {
+            let parsed: Option<http::uri::Authority> = authority.parse().ok();
+            if let Some(parsed) = parsed {
+                assert_eq!(host_of(authority), parsed.host(), "{authority}");
+            }
+        }
+        assert_eq!(host_of("[2001:db8::1]:443"), "[2001:db8::1]");
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! `request` line. A stream that ended without usage but with its text kept is first estimated with
 //! the tokenizer, on the blocking pool (CPU work stays off the I/O threads).
 
+use std::borrow::Cow;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -148,31 +150,34 @@ impl Record {
         }
         let quota = self.quota.as_ref();
         let workload = pod.map(|p| p.workload.to_string());
-        settings.metrics.record(&Measured {
-            provider,
-            adapter: self.conn.adapter,
-            kind: self.route.kind,
-            status,
-            host: &self.conn.sni,
-            requested_model: request.and_then(|r| r.model.as_deref()),
-            response_model: outcome.and_then(|o| o.observation.model.as_deref()),
-            accounting: outcome,
-            priced: &priced,
-            identity: IdentityValues {
-                namespace: pod.map_or("", |p| &*p.namespace),
-                workload: workload.as_deref().unwrap_or(""),
-                pod: pod_name.unwrap_or(""),
-                process: details
-                    .exe
-                    .as_deref()
-                    .and_then(|e| e.file_name())
-                    .and_then(|n| n.to_str())
-                    .unwrap_or(facts.comm.as_str()),
+        settings.metrics.record(
+            &Measured {
+                provider,
+                adapter: self.conn.adapter,
+                kind: self.route.kind,
+                status,
+                host: &self.conn.sni,
+                requested_model: request.and_then(|r| r.model.as_deref()),
+                response_model: outcome.and_then(|o| o.observation.model.as_deref()),
+                accounting: outcome,
+                priced: &priced,
+                identity: IdentityValues {
+                    namespace: pod.map_or("", |p| &*p.namespace),
+                    workload: workload.as_deref().unwrap_or(""),
+                    pod: pod_name.unwrap_or(""),
+                    process: details
+                        .exe
+                        .as_deref()
+                        .and_then(|e| e.file_name())
+                        .and_then(|n| n.to_str())
+                        .unwrap_or(facts.comm.as_str()),
+                },
+                duration: self.latency,
+                // The conventions define the first chunk for streamed responses only.
+                first_chunk: self.ttfb.filter(|_| outcome.is_some_and(|o| o.stream)),
             },
-            duration: self.latency,
-            // The conventions define the first chunk for streamed responses only.
-            first_chunk: self.ttfb.filter(|_| outcome.is_some_and(|o| o.stream)),
-        });
+            Some(&self.conn.metric_handles),
+        );
         if let Some(ttft) = self.ttft {
             settings
                 .metrics
@@ -250,14 +255,15 @@ impl Record {
             cgroup_id = facts.cgroup_id,
             "request"
         );
-        let identity_key = match (pod, &workload) {
-            (Some(pod), Some(workload)) => format!("{}/{workload}", pod.namespace),
+        let identity_key: Cow<'_, str> = match (pod, &workload) {
+            (Some(pod), Some(workload)) => Cow::Owned(format!("{}/{workload}", pod.namespace)),
             _ => details
                 .placement
                 .systemd_unit
-                .clone()
-                .or_else(|| details.exe.as_ref().map(|e| e.display().to_string()))
-                .unwrap_or_else(|| facts.comm.clone()),
+                .as_deref()
+                .map(Cow::Borrowed)
+                .or_else(|| details.exe.as_deref().map(Path::to_string_lossy))
+                .unwrap_or(Cow::Borrowed(&facts.comm)),
         };
         let now = crate::quota::window::unix_now();
         settings.board.record(
@@ -269,7 +275,7 @@ impl Record {
         if quota.is_some_and(|q| q.decision == "rejected") {
             settings.board.rejected(crate::status::RecentRejection {
                 at: now,
-                identity: identity_key,
+                identity: identity_key.into_owned(),
                 provider: provider.to_owned(),
                 model: model.map(str::to_owned),
                 rule: quota.and_then(|q| q.rule.as_deref()).map(str::to_owned),

@@ -139,7 +139,11 @@ impl StatusBoard {
         {
             usage.remove(&oldest);
         }
-        let windows = usage.entry(identity.to_owned()).or_insert_with(Windows::new);
+        // A known identity costs no key copy (`entry` takes an owned key).
+        let windows = match usage.get_mut(identity) {
+            Some(windows) => windows,
+            None => usage.entry(identity.to_owned()).or_insert_with(Windows::new),
+        };
         windows.seconds.add(now / 10, tokens, cost_usd);
         windows.minutes.add(now / 60, tokens, cost_usd);
         windows.hours.add(now / 3600, tokens, cost_usd);

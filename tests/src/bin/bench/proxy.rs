@@ -2,7 +2,9 @@
 //! completion at concurrency 1, 16 and 64, through four paths measured in the same run and
 //! interleaved (A B D C C D B A): direct (interception off), intercepted (one worker thread),
 //! intercepted with accounting off (its CPU is the baseline of accounting's cost), and a reference
-//! TLS hop (Debian's nginx, one worker, TLS to the provider with upstream keep-alive).
+//! TLS hop (Debian's nginx, one worker, TLS to the provider with upstream keep-alive). Each path
+//! gets an unmeasured second of each workload first, and the measured runs start once the work it
+//! left behind is done, so the figures are steady-state ones.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,6 +21,8 @@ use tests::scenario::policy;
 
 const NGINX_PORT: u16 = 8444;
 const CONCURRENCY: [u32; 3] = [1, 16, 64];
+/// Seconds of unmeasured load before each path's runs of a workload.
+const WARM_UP_SECONDS: u32 = 1;
 /// (name, request body, a new connection per request).
 const WORKLOADS: [(&str, &str, bool); 3] = [
     (
@@ -127,6 +131,14 @@ pub fn run(seconds: u32, only: &Only) -> anyhow::Result<()> {
         enterprise.join("ca.key").display().to_string(),
         "--upstream-ca-bundle".to_owned(),
         ca.pem_path.display().to_string(),
+        // To a file, as a node would keep it: on stdout, every line would be parsed by this
+        // process's log reader, on the cores the measured paths share.
+        "--audit-log".to_owned(),
+        node.dir.join("audit.log").display().to_string(),
+        "--audit-max-bytes".to_owned(),
+        (64u64 << 20).to_string(),
+        "--audit-keep".to_owned(),
+        "1".to_owned(),
     ];
     let daemon_args: Vec<&str> = daemon_args.iter().map(String::as_str).collect();
 
@@ -170,14 +182,21 @@ pub fn run(seconds: u32, only: &Only) -> anyhow::Result<()> {
             }
             let script = node.dir.join(format!("{name}.lua"));
             std::fs::write(&script, wrk_script(body, close))?;
+            let url = match path {
+                Path3::Nginx => format!("https://nginx.local:{NGINX_PORT}/v1/chat/completions"),
+                _ => "https://api.openai.com/v1/chat/completions".to_owned(),
+            };
+            // Warm-up, not measured: one-off work (a leaf certificate minted, upstream connections
+            // made, a tokenizer's tables loaded for the first stream wrk cuts short) stays out of
+            // the steady-state figures.
+            wrk(&pod, &script, &url, 16, WARM_UP_SECONDS)?;
+            if let Some(pid) = cpu_pid {
+                settle(pid)?;
+            }
             for concurrency in CONCURRENCY {
                 if !only.concurrency(concurrency) {
                     continue;
                 }
-                let url = match path {
-                    Path3::Nginx => format!("https://nginx.local:{NGINX_PORT}/v1/chat/completions"),
-                    _ => "https://api.openai.com/v1/chat/completions".to_owned(),
-                };
                 let cpu_before = cpu_pid.map(cpu_time_us).transpose()?;
                 let result = wrk(&pod, &script, &url, concurrency, seconds)?;
                 let cpu_after = cpu_pid.map(cpu_time_us).transpose()?;
@@ -398,6 +417,23 @@ fn parse_duration_ms(value: &str) -> Option<f64> {
         (value.strip_suffix('s')?, 1000.0)
     };
     number.parse::<f64>().ok().map(|n| n * factor)
+}
+
+/// Waits (at most 20 s) until `pid` is idle: work the warm-up left behind (estimates of the streams
+/// wrk cut, run off the I/O thread) is done before the measured runs.
+fn settle(pid: u32) -> anyhow::Result<()> {
+    const PERIOD: Duration = Duration::from_millis(500);
+    let mut before = cpu_time_us(pid)?;
+    for _ in 0..40 {
+        std::thread::sleep(PERIOD);
+        let now = cpu_time_us(pid)?;
+        // One clock tick (10 ms) in half a second: idle but for timers.
+        if now.saturating_sub(before) <= 10_000 {
+            return Ok(());
+        }
+        before = now;
+    }
+    bail!("process {pid} still busy 20 s after the warm-up")
 }
 
 fn cpu_time_us(pid: u32) -> anyhow::Result<u64> {
