@@ -6,10 +6,7 @@
 
 use memchr::memchr2;
 
-use crate::needle::{Needle, needle};
-
-static EMPTY_CHOICES: [Needle; 2] = [needle!(br#""choices":[]"#), needle!(br#""choices": []"#)];
-static USAGE_OBJECT: [Needle; 2] = [needle!(br#""usage":{"#), needle!(br#""usage": {"#)];
+use crate::top_level::{container_end, string_end};
 
 /// The filter's state across chunks.
 #[derive(Debug)]
@@ -42,29 +39,22 @@ impl UsageChunkStripper {
             out.extend_from_slice(chunk);
             return;
         }
-        self.pending.extend_from_slice(chunk);
-        let mut event_start = 0;
-        while let Some(offset) = memchr2(b'\n', b'\r', &self.pending[self.scan..]) {
-            let end = self.scan + offset;
-            let terminator = match self.pending[end..] {
-                [b'\r', b'\n', ..] => 2,
-                // A CR at the end of the buffer may be the first half of CRLF: wait for more.
-                [b'\r'] => break,
-                _ => 1,
-            };
-            let blank = end == self.line_start;
-            self.scan = end + terminator;
-            self.line_start = self.scan;
-            if blank {
-                let event_end = self.scan;
-                let event = &self.pending[event_start..event_end];
-                filter_event(event, out, &mut self.dropped_chunks);
-                event_start = event_end;
-            }
+        let mut cursor = Cursor {
+            scan: self.scan,
+            line_start: self.line_start,
+            dropped: &mut self.dropped_chunks,
+        };
+        if self.pending.is_empty() {
+            // The chunk's whole events straight from it; only an unfinished tail is kept.
+            let consumed = cursor.filter_events(chunk, out);
+            self.pending.extend_from_slice(&chunk[consumed..]);
+            (self.scan, self.line_start) = (cursor.scan - consumed, cursor.line_start - consumed);
+        } else {
+            self.pending.extend_from_slice(chunk);
+            let consumed = cursor.filter_events(&self.pending, out);
+            self.pending.drain(..consumed);
+            (self.scan, self.line_start) = (cursor.scan - consumed, cursor.line_start - consumed);
         }
-        self.pending.drain(..event_start);
-        self.scan -= event_start;
-        self.line_start -= event_start;
         if self.pending.len() > self.max_event_bytes {
             out.append(&mut self.pending);
             self.disabled = true;
@@ -84,6 +74,39 @@ impl UsageChunkStripper {
     }
 }
 
+/// Where line scanning stands in the bytes being filtered.
+struct Cursor<'a> {
+    /// Where scanning for the next line end resumes.
+    scan: usize,
+    /// Start of the current line.
+    line_start: usize,
+    dropped: &'a mut u32,
+}
+
+impl Cursor<'_> {
+    /// Filters every complete event of `buffer` into `out`; returns where the unfinished rest starts.
+    fn filter_events(&mut self, buffer: &[u8], out: &mut Vec<u8>) -> usize {
+        let mut event_start = 0;
+        while let Some(offset) = memchr2(b'\n', b'\r', &buffer[self.scan..]) {
+            let end = self.scan + offset;
+            let terminator = match buffer[end..] {
+                [b'\r', b'\n', ..] => 2,
+                // A CR at the end of the buffer may be the first half of CRLF: wait for more.
+                [b'\r'] => break,
+                _ => 1,
+            };
+            let blank = end == self.line_start;
+            self.scan = end + terminator;
+            self.line_start = self.scan;
+            if blank {
+                filter_event(&buffer[event_start..self.scan], out, self.dropped);
+                event_start = self.scan;
+            }
+        }
+        event_start
+    }
+}
+
 fn filter_event(event: &[u8], out: &mut Vec<u8>, dropped: &mut u32) {
     let mut data_lines = event
         .split(|&b| b == b'\n' || b == b'\r')
@@ -93,76 +116,107 @@ fn filter_event(event: &[u8], out: &mut Vec<u8>, dropped: &mut u32) {
         return;
     };
     let json = line[5..].strip_prefix(b" ").unwrap_or(&line[5..]);
-    if is_usage_only_chunk(json) {
+    let Some(members) = Members::of(json) else {
+        out.extend_from_slice(event);
+        return;
+    };
+    if members.empty_choices && members.usage_object {
+        // The usage chunk OpenAI appends when asked.
         *dropped += 1;
         return;
     }
-    match remove_null_member(json, b"usage") {
-        Some(rewritten) => {
+    match members.usage_null {
+        Some((start, end)) => {
             // Offsets of the JSON inside the event, to splice the rewrite in place.
             let json_start = json.as_ptr() as usize - event.as_ptr() as usize;
             let json_end = json_start + json.len();
             out.extend_from_slice(&event[..json_start]);
-            out.extend_from_slice(&rewritten);
+            splice_out(json, start, end, out);
             out.extend_from_slice(&event[json_end..]);
         }
         None => out.extend_from_slice(event),
     }
 }
 
-/// The usage chunk OpenAI appends when asked: `"choices":[]` and a `usage` object.
-fn is_usage_only_chunk(json: &[u8]) -> bool {
-    EMPTY_CHOICES.iter().any(|n| n.found_in(json)) && USAGE_OBJECT.iter().any(|n| n.found_in(json))
+/// What the filter needs of a chunk's top-level members, read in one pass that skips strings and
+/// nested values in bulk.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Members {
+    /// `"choices": []`.
+    empty_choices: bool,
+    /// `"usage": {...}`.
+    usage_object: bool,
+    /// The first `"usage": null` member: from its name's opening quote to the end of `null`.
+    usage_null: Option<(usize, usize)>,
 }
 
-/// Removes the top-level member `"name": null` from a JSON object, with one adjacent comma.
-fn remove_null_member(json: &[u8], name: &[u8]) -> Option<Vec<u8>> {
-    let mut depth = 0u32;
-    let mut in_string = false;
-    let mut escaped = false;
-    let mut string_start = 0;
-    let mut i = 0;
-    while i < json.len() {
-        let byte = json[i];
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if byte == b'\\' {
-                escaped = true;
-            } else if byte == b'"' {
-                in_string = false;
-                let key = &json[string_start + 1..i];
-                if depth == 1 && key == name {
-                    let after_key = skip_ws(json, i + 1);
-                    if json.get(after_key) == Some(&b':') {
-                        let value = skip_ws(json, after_key + 1);
-                        if json.get(value..value + 4) == Some(b"null") {
-                            return Some(splice_out(json, string_start, value + 4));
-                        }
-                    }
+impl Members {
+    /// The members of `json`, or `None` when it is not a well-formed object at the top level (the
+    /// event then passes unchanged). Names are compared as sent (no escapes decoded).
+    fn of(json: &[u8]) -> Option<Self> {
+        let mut found = Self::default();
+        let mut at = skip_ws(json, 0);
+        if json.get(at) != Some(&b'{') {
+            return None;
+        }
+        at = skip_ws(json, at + 1);
+        if json.get(at) == Some(&b'}') {
+            return Some(found);
+        }
+        loop {
+            if json.get(at) != Some(&b'"') {
+                return None;
+            }
+            let name_start = at;
+            let name_end = string_end(json, at + 1, &mut false)?;
+            let name = &json[name_start + 1..name_end - 1];
+            at = skip_ws(json, name_end);
+            if json.get(at) != Some(&b':') {
+                return None;
+            }
+            let value_start = skip_ws(json, at + 1);
+            let value_end = value_end(json, value_start)?;
+            let value = &json[value_start..value_end];
+            match name {
+                b"usage" if value == b"null" && found.usage_null.is_none() => {
+                    found.usage_null = Some((name_start, value_end));
                 }
+                b"usage" if value.first() == Some(&b'{') => found.usage_object = true,
+                b"choices" if value.first() == Some(&b'[') && skip_ws(value, 1) == value.len() - 1 => {
+                    found.empty_choices = true;
+                }
+                _ => {}
             }
-            i += 1;
-            continue;
-        }
-        match byte {
-            b'"' => {
-                in_string = true;
-                string_start = i;
+            at = skip_ws(json, value_end);
+            match json.get(at) {
+                Some(b',') => at = skip_ws(json, at + 1),
+                Some(b'}') => return Some(found),
+                _ => return None,
             }
-            b'{' | b'[' => depth += 1,
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
         }
-        i += 1;
     }
-    None
 }
 
-/// `json` without `start..end` and one comma next to it (the one before, else the one after).
-fn splice_out(json: &[u8], start: usize, end: usize) -> Vec<u8> {
+/// Where the value starting at `start` ends (exclusive), or `None` when `json` ends first.
+fn value_end(json: &[u8], start: usize) -> Option<usize> {
+    match json.get(start)? {
+        b'"' => string_end(json, start + 1, &mut false),
+        b'{' | b'[' => {
+            let (mut depth, mut in_string, mut escaped) = (1, false, false);
+            let inner = container_end(&json[start + 1..], &mut depth, &mut in_string, &mut escaped)?;
+            Some(start + 1 + inner)
+        }
+        _ => json[start..]
+            .iter()
+            .position(|&b| matches!(b, b',' | b'}' | b']') || b.is_ascii_whitespace())
+            .map(|length| start + length),
+    }
+}
+
+/// Appends `json` without `start..end` and one comma next to it (the one before, else the one
+/// after) to `out`.
+fn splice_out(json: &[u8], start: usize, end: usize, out: &mut Vec<u8>) {
     let before = json[..start].iter().rposition(|b| !b.is_ascii_whitespace());
-    let mut out = Vec::with_capacity(json.len());
     if let Some(comma) = before.filter(|&p| json[p] == b',') {
         out.extend_from_slice(&json[..comma]);
         out.extend_from_slice(&json[end..]);
@@ -176,7 +230,6 @@ fn splice_out(json: &[u8], start: usize, end: usize) -> Vec<u8> {
         out.extend_from_slice(&json[..start]);
         out.extend_from_slice(&json[resume..]);
     }
-    out
 }
 
 fn skip_ws(json: &[u8], mut at: usize) -> usize {
@@ -225,6 +278,31 @@ data: [DONE]\n\n";
         let stream = b"data: {\"usage\": null, \"id\":\"x\"}\r\n\r\n";
         assert_eq!(run(&[stream]), b"data: {\"id\":\"x\"}\r\n\r\n");
         let stream = b"data: {\"id\":\"x\",\"usage\":{\"a\":null}}\r\n\r\n: comment\r\n\r\n";
+        assert_eq!(run(&[stream]), stream);
+    }
+
+    #[test]
+    fn only_top_level_members_count() {
+        let members = |json: &[u8]| Members::of(json);
+        assert_eq!(
+            members(br#"{"id":"a","choices": [ ],"usage" : {"total_tokens":3}}"#),
+            Some(Members {
+                empty_choices: true,
+                usage_object: true,
+                usage_null: None
+            })
+        );
+        let json = br#"{"x":{"usage":null,"choices":[]},"s":"\"usage\":null","usage":null}"#;
+        let found = members(json).expect("an object");
+        assert!(!found.empty_choices && !found.usage_object);
+        let (start, end) = found.usage_null.expect("the top-level member");
+        assert_eq!(&json[start..end], br#""usage":null"#);
+        assert_eq!(members(br#"{"usage":null"#), None, "unterminated");
+        assert_eq!(members(b"[1]"), None);
+        assert_eq!(members(br#"{"a" 1}"#), None);
+        assert_eq!(members(b" { } "), Some(Members::default()));
+        // A nested usage chunk shape is not the usage chunk: passed unchanged.
+        let stream = b"data: {\"d\":{\"choices\":[],\"usage\":{\"a\":1}}}\n\n";
         assert_eq!(run(&[stream]), stream);
     }
 

@@ -243,7 +243,7 @@ impl TopLevelFields {
 
 /// Inside a string from `from`: the index just past its closing quote, or `None` when `input` ends
 /// first (`escaped` then says whether its last byte was a backslash).
-fn string_end(input: &[u8], from: usize, escaped: &mut bool) -> Option<usize> {
+pub(crate) fn string_end(input: &[u8], from: usize, escaped: &mut bool) -> Option<usize> {
     let mut i = from;
     loop {
         if *escaped {
@@ -275,7 +275,12 @@ static STRUCTURAL: [bool; 256] = {
 
 /// Inside an object or array: the index just past its closing bracket, or `None` when `input` ends
 /// first (the state is then carried to the next chunk).
-fn container_end(input: &[u8], depth: &mut u32, in_string: &mut bool, escaped: &mut bool) -> Option<usize> {
+pub(crate) fn container_end(
+    input: &[u8],
+    depth: &mut u32,
+    in_string: &mut bool,
+    escaped: &mut bool,
+) -> Option<usize> {
     let mut i = 0;
     loop {
         if *in_string {
