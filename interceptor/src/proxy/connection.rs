@@ -225,7 +225,8 @@ async fn terminate(
         }
     };
     let original_dst = conn.facts.original_dst;
-    let forward = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+    let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let forward = if http2 {
         http::Forward::Pooled(ctx.upstream.client(original_dst, offered_h2))
     } else {
         match ctx.upstream.lease(original_dst, &conn.sni) {
@@ -243,7 +244,7 @@ async fn terminate(
         quota: ctx.quota.clone(),
     });
     tokio::select! {
-        result = http::serve(tls, http_ctx) => (Mode::Terminated, result.map(|()| (0, 0))),
+        result = http::serve(tls, http_ctx, http2) => (Mode::Terminated, result.map(|()| (0, 0))),
         _ = abort.cancelled() => (Mode::Terminated, Err("aborted at shutdown".into())),
     }
 }

@@ -73,8 +73,10 @@ impl HttpContext {
     }
 }
 
-/// Serves HTTP on a terminated TLS stream until the client closes it.
-pub async fn serve<IO>(io: IO, ctx: Arc<HttpContext>) -> Result<(), String>
+/// Serves HTTP on a terminated TLS stream until the client closes it, in the version the TLS
+/// handshake settled (ALPN `h2`, else HTTP/1.1: over TLS, HTTP/2 is only ever negotiated, RFC 9113
+/// §3.2), so no read goes through version detection.
+pub async fn serve<IO>(io: IO, ctx: Arc<HttpContext>, http2: bool) -> Result<(), String>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -82,10 +84,18 @@ where
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(request, &ctx).await) }
     });
-    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .await
-        .map_err(|e| e.to_string())
+    let io = TokioIo::new(io);
+    let served = if http2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, service)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .with_upgrades()
+            .await
+    };
+    served.map_err(|e| e.to_string())
 }
 
 async fn handle(mut request: Request<Incoming>, ctx: &HttpContext) -> Response<ClientBody> {
