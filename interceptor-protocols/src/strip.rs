@@ -44,17 +44,18 @@ impl UsageChunkStripper {
             line_start: self.line_start,
             dropped: &mut self.dropped_chunks,
         };
-        if self.pending.is_empty() {
+        let consumed = if self.pending.is_empty() {
             // The chunk's whole events straight from it; only an unfinished tail is kept.
             let consumed = cursor.filter_events(chunk, out);
             self.pending.extend_from_slice(&chunk[consumed..]);
-            (self.scan, self.line_start) = (cursor.scan - consumed, cursor.line_start - consumed);
+            consumed
         } else {
             self.pending.extend_from_slice(chunk);
             let consumed = cursor.filter_events(&self.pending, out);
             self.pending.drain(..consumed);
-            (self.scan, self.line_start) = (cursor.scan - consumed, cursor.line_start - consumed);
-        }
+            consumed
+        };
+        (self.scan, self.line_start) = (cursor.scan - consumed, cursor.line_start - consumed);
         if self.pending.len() > self.max_event_bytes {
             out.append(&mut self.pending);
             self.disabled = true;

@@ -2,6 +2,7 @@
 //! is turned into JSON on the writer thread, so the data path neither formats nor copies identities.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
@@ -143,36 +144,42 @@ impl IdentityCache {
     fn identity(&mut self, entry: &AuditEntry) -> Result<&RawValue, serde_json::Error> {
         // The cached weak references keep both allocations, so an equal address is the same one.
         let key = Arc::as_ptr(&entry.conn) as usize;
-        let fresh = self.entries.get(&key).is_some_and(|cached| {
-            cached.pod_status == entry.pod_status
-                && match (&cached.pod, &entry.pod) {
-                    (Some(cached), Some(pod)) => std::ptr::eq(cached.as_ptr(), Arc::as_ptr(pod)),
-                    (None, None) => true,
-                    _ => false,
-                }
-        });
-        if !fresh {
+        if self.entries.len() >= CACHED_IDENTITIES && !self.entries.contains_key(&key) {
+            self.entries.retain(|_, cached| cached.conn.strong_count() > 0);
             if self.entries.len() >= CACHED_IDENTITIES {
-                self.entries.retain(|_, cached| cached.conn.strong_count() > 0);
-                if self.entries.len() >= CACHED_IDENTITIES {
-                    self.entries.clear();
-                }
+                self.entries.clear();
             }
-            let json = serde_json::value::to_raw_value(&Identity(entry))?;
-            self.entries.insert(
-                key,
-                CachedIdentity {
-                    conn: Arc::downgrade(&entry.conn),
-                    pod: entry.pod.as_ref().map(Arc::downgrade),
-                    pod_status: entry.pod_status,
-                    json,
-                },
-            );
         }
-        match self.entries.get(&key) {
-            Some(cached) => Ok(&cached.json),
-            None => Err(serde::ser::Error::custom("identity cache entry missing")),
-        }
+        let cached = match self.entries.entry(key) {
+            Entry::Occupied(slot) if slot.get().describes(entry) => slot.into_mut(),
+            Entry::Occupied(mut slot) => {
+                slot.insert(CachedIdentity::of(entry)?);
+                slot.into_mut()
+            }
+            Entry::Vacant(slot) => slot.insert(CachedIdentity::of(entry)?),
+        };
+        Ok(&cached.json)
+    }
+}
+
+impl CachedIdentity {
+    fn of(entry: &AuditEntry) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            conn: Arc::downgrade(&entry.conn),
+            pod: entry.pod.as_ref().map(Arc::downgrade),
+            pod_status: entry.pod_status,
+            json: serde_json::value::to_raw_value(&Identity(entry))?,
+        })
+    }
+
+    /// Whether this is still the identity of `entry` (same pod, same pod status).
+    fn describes(&self, entry: &AuditEntry) -> bool {
+        self.pod_status == entry.pod_status
+            && match (&self.pod, &entry.pod) {
+                (Some(cached), Some(pod)) => std::ptr::eq(cached.as_ptr(), Arc::as_ptr(pod)),
+                (None, None) => true,
+                _ => false,
+            }
     }
 }
 

@@ -391,24 +391,26 @@ fn is_websocket_upgrade<B>(request: &Request<B>) -> bool {
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-/// Every header `strip_hop_by_hop` may remove or rewrite without a `Connection` header naming it.
-static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    header::UPGRADE,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
+/// Hop-by-hop headers removed from every forwarded message (`Connection`, `Upgrade` and `TE` depend on
+/// the message).
+static ALWAYS_REMOVED: [HeaderName; 6] = [
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
     KEEP_ALIVE,
     PROXY_CONNECTION,
 ];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    ALWAYS_REMOVED.contains(name) || [header::CONNECTION, header::UPGRADE, header::TE].contains(name)
+}
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): those named in `Connection` and the standard set.
 /// With `keep_upgrade`, `Connection: upgrade` and `Upgrade` pass (WebSocket handshakes).
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Most messages carry none: one pass over the names instead of a lookup per hop-by-hop name.
-    if !keep_upgrade && !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
         return;
     }
     let listed: Vec<HeaderName> = headers
@@ -426,16 +428,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let te_trailers = headers
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in [
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-    ] {
+    for name in &ALWAYS_REMOVED {
         headers.remove(name);
     }
-    headers.remove(KEEP_ALIVE);
-    headers.remove(PROXY_CONNECTION);
     if !te_trailers {
         headers.remove(header::TE);
     }
