@@ -2,7 +2,7 @@
 
 /// The first 8 bytes of the SHA-256 of `data`, as 16 lowercase hex digits.
 pub fn short_sha256(data: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, data);
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
     digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 

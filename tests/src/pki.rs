@@ -65,7 +65,7 @@ impl TestCa {
 
 /// A rustls server configuration presenting `cert` (HTTP/2 and HTTP/1.1).
 pub fn server_config(cert: ServerCert) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .context("TLS versions")?

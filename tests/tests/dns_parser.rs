@@ -146,7 +146,7 @@ fn client_hello(server_name: &str) -> anyhow::Result<Vec<u8>> {
     // No roots needed: only the first flight is written, nothing is verified.
     let roots = rustls::RootCertStore::empty();
     let config =
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();

@@ -75,7 +75,7 @@ fn client_config(s: &Scenario) -> Arc<rustls::ClientConfig> {
     for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
         roots.add(cert.expect("certificate")).expect("root");
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("versions")

@@ -115,7 +115,7 @@ fn mint(ca: &EnterpriseCa, sni: &str, ttl: Duration) -> Result<Arc<ServerConfig>
 mod tests {
     use super::*;
 
-    use rustls::crypto::ring::cipher_suite;
+    use rustls::crypto::aws_lc_rs::cipher_suite;
     use rustls::pki_types::ServerName;
     use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConnection};
 
@@ -153,7 +153,7 @@ mod tests {
             roots.add(cert.clone()).expect("CA certificate");
         }
         // OpenSSL's order: AES-256 first.
-        let mut client_provider = rustls::crypto::ring::default_provider();
+        let mut client_provider = rustls::crypto::aws_lc_rs::default_provider();
         client_provider.cipher_suites = vec![
             cipher_suite::TLS13_AES_256_GCM_SHA384,
             cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
