@@ -135,6 +135,12 @@ enum Framing {
     EventStream(EventStreamDecoder),
     JsonArray(JsonArraySplitter),
     Json(TopLevelFields),
+    /// A JSON body read whole from its first chunk by the dialect's quick reader: what it said,
+    /// applied when the body ends with nothing but white space after it.
+    JsonRead {
+        observation: Observation,
+        trailing_garbage: bool,
+    },
     Skip,
 }
 
@@ -187,7 +193,24 @@ impl Reader {
             Framing::JsonArray(splitter) => splitter.feed(chunk, |element| {
                 note(gemini::chunk(observation, element).map_err(|e| format!("stream element: {e}")))
             }),
-            Framing::Json(fields) => fields.feed(chunk),
+            Framing::Json(fields) => {
+                // Most bodies come in one chunk: the quick reader takes those it reads as serde
+                // would (it declines everything else, which the member scanner then reads).
+                if fields.untouched()
+                    && chunk.len() <= fields.max_value_bytes()
+                    && let Some(read) = quick_json_body(*dialect, chunk)
+                {
+                    *framing = Framing::JsonRead {
+                        observation: read,
+                        trailing_garbage: false,
+                    };
+                } else {
+                    fields.feed(chunk);
+                }
+            }
+            Framing::JsonRead { trailing_garbage, .. } => {
+                *trailing_garbage |= !chunk.iter().all(u8::is_ascii_whitespace)
+            }
             Framing::Skip => {}
         }
     }
@@ -220,6 +243,20 @@ impl Reader {
                         .get_or_insert("streamed JSON array is malformed or truncated".into());
                 }
                 !summary.malformed
+            }
+            Framing::JsonRead {
+                observation,
+                trailing_garbage,
+            } => {
+                if trailing_garbage {
+                    self.problem
+                        .get_or_insert("body is not a complete JSON object".into());
+                    return false;
+                }
+                // Only the OpenAI dialects have a quick reader, and nothing else has touched the
+                // observation of their JSON bodies.
+                self.observation = observation;
+                true
             }
             Framing::Json(fields) => match fields.finish() {
                 Fields::Object(object) => {
@@ -552,6 +589,18 @@ fn json_body(dialect: Dialect, observation: &mut Observation, body: &[u8]) -> Re
         Dialect::BedrockConverse => bedrock::converse_body(observation, body),
         Dialect::BedrockInvoke => bedrock::invoke_body(observation, body),
         Dialect::Opaque => Ok(()),
+    }
+}
+
+/// A whole JSON body read by the dialect's quick reader, or `None` (no quick reader, or one that
+/// declined the body).
+fn quick_json_body(dialect: Dialect, body: &[u8]) -> Option<Observation> {
+    match dialect {
+        Dialect::OpenaiChat | Dialect::OpenaiResponses | Dialect::OpenaiPlain => {
+            let mut observation = Observation::default();
+            openai::quick_body(&mut observation, body).then_some(observation)
+        }
+        _ => None,
     }
 }
 

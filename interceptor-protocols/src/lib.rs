@@ -16,6 +16,7 @@ pub mod json_array;
 mod needle;
 pub mod openai;
 pub mod pricing;
+mod quick_json;
 pub mod request;
 pub mod route;
 pub mod sse;

@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 
 use crate::needle::{Needle, needle};
+use crate::quick_json::{Reader, first_time};
 use crate::usage::{Observation, PartialUsage, Signal};
 
 static USAGE_OBJECT: Needle = needle!(b"\"usage\":{");
@@ -21,7 +22,7 @@ static OUTPUT_KEYS: [Needle; 4] = [
 
 /// Both usage shapes: chat/completions/embeddings (`prompt_tokens`) and Responses/images/audio
 /// (`input_tokens`).
-#[derive(Deserialize)]
+#[derive(Deserialize, Default, Debug, PartialEq, Eq)]
 struct UsageBody {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
@@ -34,17 +35,49 @@ struct UsageBody {
     output_tokens_details: Option<OutputDetails>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Debug, PartialEq, Eq)]
 struct InputDetails {
     cached_tokens: Option<u64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Debug, PartialEq, Eq)]
 struct OutputDetails {
     reasoning_tokens: Option<u64>,
 }
 
 impl UsageBody {
+    /// A usage object (or `null`) read with `quick_json`; `None` leaves it to serde.
+    fn quick(reader: &mut Reader<'_>) -> Option<Option<Self>> {
+        let mut usage = Self::default();
+        let mut seen = 0;
+        let present = reader.object_or_null(|reader, name| {
+            let (index, slot) = match name {
+                b"prompt_tokens" => (0, &mut usage.prompt_tokens),
+                b"completion_tokens" => (1, &mut usage.completion_tokens),
+                b"input_tokens" => (2, &mut usage.input_tokens),
+                b"output_tokens" => (3, &mut usage.output_tokens),
+                b"total_tokens" => (4, &mut usage.total_tokens),
+                b"prompt_tokens_details" => {
+                    return details_into(reader, &mut seen, 5, &mut usage.prompt_tokens_details);
+                }
+                b"input_tokens_details" => {
+                    return details_into(reader, &mut seen, 6, &mut usage.input_tokens_details);
+                }
+                b"completion_tokens_details" => {
+                    return details_into(reader, &mut seen, 7, &mut usage.completion_tokens_details);
+                }
+                b"output_tokens_details" => {
+                    return details_into(reader, &mut seen, 8, &mut usage.output_tokens_details);
+                }
+                _ => return reader.skip(),
+            };
+            first_time(&mut seen, index)?;
+            *slot = reader.u64_or_null()?;
+            Some(())
+        })?;
+        Some(present.then_some(usage))
+    }
+
     fn partial(&self) -> PartialUsage {
         let input = self.prompt_tokens.or(self.input_tokens);
         let mut output = self.completion_tokens.or(self.output_tokens);
@@ -74,6 +107,50 @@ impl UsageBody {
     }
 }
 
+/// A details object: one count that matters.
+trait Details {
+    /// The count's member name.
+    const FIELD: &'static [u8];
+    fn with(count: Option<u64>) -> Self;
+}
+
+impl Details for InputDetails {
+    const FIELD: &'static [u8] = b"cached_tokens";
+    fn with(cached_tokens: Option<u64>) -> Self {
+        Self { cached_tokens }
+    }
+}
+
+impl Details for OutputDetails {
+    const FIELD: &'static [u8] = b"reasoning_tokens";
+    fn with(reasoning_tokens: Option<u64>) -> Self {
+        Self { reasoning_tokens }
+    }
+}
+
+/// Reads member `index` of a usage object, a details object (or `null`), into `slot`; `None`
+/// leaves the body to serde.
+fn details_into<T: Details>(
+    reader: &mut Reader<'_>,
+    seen: &mut u32,
+    index: u32,
+    slot: &mut Option<T>,
+) -> Option<()> {
+    first_time(seen, index)?;
+    let mut count = None;
+    let mut seen_count = 0;
+    let present = reader.object_or_null(|reader, name| {
+        if name != T::FIELD {
+            return reader.skip();
+        }
+        first_time(&mut seen_count, 0)?;
+        count = reader.u64_or_null()?;
+        Some(())
+    })?;
+    *slot = present.then(|| T::with(count));
+    Some(())
+}
+
 #[derive(Deserialize)]
 struct ErrorBody<'a> {
     #[serde(borrow, rename = "type")]
@@ -100,10 +177,93 @@ struct Groq {
     usage: Option<UsageBody>,
 }
 
+impl<'a> Response<'a> {
+    /// Reads `body` as serde would, with `quick_json`; errors and anything `quick_json` declines
+    /// are left to serde.
+    fn parse(body: &'a [u8]) -> Result<Self, serde_json::Error> {
+        match Self::quick(body) {
+            Some(response) => Ok(response),
+            None => serde_json::from_slice(body),
+        }
+    }
+
+    fn quick(body: &'a [u8]) -> Option<Self> {
+        let mut response = Response {
+            id: None,
+            model: None,
+            usage: None,
+            x_groq: None,
+            error: None,
+        };
+        let mut seen = 0;
+        Reader::new(body).whole_object(|reader, name| {
+            match name {
+                b"id" => {
+                    first_time(&mut seen, 0)?;
+                    response.id = reader.str_or_null()?.map(Cow::Borrowed);
+                }
+                b"model" => {
+                    first_time(&mut seen, 1)?;
+                    response.model = reader.str_or_null()?.map(Cow::Borrowed);
+                }
+                b"usage" => {
+                    first_time(&mut seen, 2)?;
+                    response.usage = UsageBody::quick(reader)?;
+                }
+                b"x_groq" => {
+                    first_time(&mut seen, 3)?;
+                    let mut usage = None;
+                    let mut seen_usage = 0;
+                    let present = reader.object_or_null(|reader, name| {
+                        if name != b"usage" {
+                            return reader.skip();
+                        }
+                        first_time(&mut seen_usage, 0)?;
+                        usage = UsageBody::quick(reader)?;
+                        Some(())
+                    })?;
+                    response.x_groq = present.then_some(Groq { usage });
+                }
+                // Error bodies are rare: serde reads them.
+                b"error" => return None,
+                _ => reader.skip()?,
+            }
+            Some(())
+        })?;
+        Some(response)
+    }
+}
+
+/// Whether `quick_json`, where it reads `body` (as a response or a stream chunk), reads what serde
+/// reads. For the fuzz targets and the tests.
+#[doc(hidden)]
+pub fn quick_agrees_with_serde(body: &[u8]) -> bool {
+    let Some(quick) = Response::quick(body) else {
+        return true;
+    };
+    let Ok(serde) = serde_json::from_slice::<Response<'_>>(body) else {
+        return false;
+    };
+    quick.id == serde.id
+        && quick.model == serde.model
+        && quick.usage == serde.usage
+        && quick.x_groq.map(|g| g.usage) == serde.x_groq.map(|g| g.usage)
+        && serde.error.is_none()
+}
+
+/// A whole JSON response body read by the quick reader alone; false (with `observation`
+/// untouched) when it declined the body.
+pub fn quick_body(observation: &mut Observation, body: &[u8]) -> bool {
+    let Some(response) = Response::quick(body) else {
+        return false;
+    };
+    apply(observation, response);
+    true
+}
+
 /// A whole JSON response body (non-streamed, or an error).
 pub fn body(observation: &mut Observation, body: &[u8]) -> Result<(), serde_json::Error> {
-    let response: Response<'_> = serde_json::from_slice(body)?;
-    apply(observation, response);
+    apply(observation, Response::parse(body)?);
     Ok(())
 }
 
@@ -130,8 +290,7 @@ pub fn chat_event(observation: &mut Observation, data: &[u8]) -> Result<Signal, 
         || USAGE_OBJECT_SPACED.found_in(data)
         || ERROR_KEY.found_in(data)
     {
-        let response: Response<'_> = serde_json::from_slice(data)?;
-        apply(observation, response);
+        apply(observation, Response::parse(data)?);
     }
     Ok(Signal { output })
 }
@@ -272,6 +431,47 @@ fn code_text(code: &serde_json::Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_quick_reader_reads_responses_and_chunks_as_serde_does() {
+        let read = [
+            r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":"Hi \"there\"\n\u00e9","refusal":null,"annotations":[]},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":19,"completion_tokens":10,"total_tokens":29,"prompt_tokens_details":{"cached_tokens":3,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":2,"audio_tokens":0}},"service_tier":"default","system_fingerprint":"fp_1"}"#,
+            r#"{"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#,
+            r#"{"id":"c","choices":[{"delta":{"role":"assistant","content":""}}],"usage":null}"#,
+            r#"{"object":"list","data":[{"embedding":[0.1,-2e-3,1E+2]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#,
+            r#"{"id":"resp_1","model":"gpt-4o","usage":{"input_tokens":8,"input_tokens_details":{"cached_tokens":null},"output_tokens":4,"output_tokens_details":null}}"#,
+            r#"{"id":"g","model":"llama","x_groq":{"id":"req_1","usage":{"prompt_tokens":3,"completion_tokens":2}}}"#,
+            " { \"model\" : \"m\" , \"usage\" : { } }\r\n",
+            r#"{"model":"modèle"}"#,
+        ];
+        for body in read {
+            assert!(Response::quick(body.as_bytes()).is_some(), "{body}");
+            assert!(quick_agrees_with_serde(body.as_bytes()), "{body}");
+        }
+        // Left to serde: errors, duplicates, escaped names, numbers a u64 does not take, arrays as
+        // structs, bad JSON. Whatever serde makes of them stands.
+        let declined = [
+            r#"{"error":{"type":"invalid_request_error","code":null}}"#,
+            r#"{"model":"a","model":"b"}"#,
+            r#"{"usage":{"prompt_tokens":1,"prompt_tokens":2}}"#,
+            r#"{"usage":{"prompt_tokens_details":{"cached_tokens":1,"cached_tokens":1}}}"#,
+            r#"{"mod\u0065l":"m"}"#,
+            r#"{"usage":{"prompt_tokens":1.0}}"#,
+            r#"{"usage":{"prompt_tokens":-1}}"#,
+            r#"{"usage":{"prompt_tokens":18446744073709551616}}"#,
+            r#"{"usage":[1,2]}"#,
+            r#"{"model":"m"} trailing"#,
+            r#"{"model":"m",}"#,
+            r#"{"id":"\ud800"}"#,
+        ];
+        for body in declined {
+            assert!(Response::quick(body.as_bytes()).is_none(), "{body}");
+        }
+        let mut observation = Observation::default();
+        body(&mut observation, r#"{"mod\u0065l":"m"}"#.as_bytes()).expect("serde reads escaped names");
+        assert_eq!(observation.model.as_deref(), Some("m"));
+        assert!(body(&mut Observation::default(), br#"{"model":"a","model":"b"}"#).is_err());
+    }
 
     #[test]
     fn output_detection_ignores_empty_and_role_only_chunks() {

@@ -81,6 +81,11 @@ impl TopLevelFields {
     }
 
     pub fn feed(&mut self, chunk: &[u8]) {
+        // Most bodies come in one chunk: read those with a walk over the slice, without the state
+        // machine's dispatch on every byte between values.
+        if self.state == State::Start && self.read_whole(chunk) {
+            return;
+        }
         let mut i = 0;
         while i < chunk.len() {
             let byte = chunk[i];
@@ -147,6 +152,16 @@ impl TopLevelFields {
         }
     }
 
+    /// Nothing but white space has been fed yet.
+    pub fn untouched(&self) -> bool {
+        self.state == State::Start
+    }
+
+    /// The largest value kept.
+    pub fn max_value_bytes(&self) -> usize {
+        self.max_value_bytes
+    }
+
     pub fn finish(mut self) -> Fields {
         if let State::Value(Value::Scalar) = self.state {
             self.end_value();
@@ -164,10 +179,102 @@ impl TopLevelFields {
         self.dropped_values
     }
 
-    /// Which wanted member the collected name is. A name with escapes (`"us\u0061ge"`) is compared
-    /// as JSON reads it; a name cut at the collection limit matches nothing (wanted names are short).
+    /// Reads `body` when it holds a whole object (white space around it allowed), to the same result
+    /// as the state machine. Returns false, with nothing changed, when the object goes on past it.
+    fn read_whole(&mut self, body: &[u8]) -> bool {
+        let captured_len = self.captured.len();
+        let dropped = self.dropped_values;
+        match self.walk(body) {
+            Some(state) => {
+                self.state = state;
+                true
+            }
+            None => {
+                self.captured.truncate(captured_len);
+                self.dropped_values = dropped;
+                false
+            }
+        }
+    }
+
+    /// The state after `body`: `End` or `Malformed`; `None` when `body` ends inside the object.
+    fn walk(&mut self, body: &[u8]) -> Option<State> {
+        let skip_space = |mut i: usize| {
+            while body.get(i).is_some_and(u8::is_ascii_whitespace) {
+                i += 1;
+            }
+            i
+        };
+        let mut i = skip_space(0);
+        if *body.get(i)? != b'{' {
+            return Some(State::Malformed);
+        }
+        i += 1;
+        loop {
+            // A member name, or `}` (also after a comma, as the state machine reads it).
+            i = skip_space(i);
+            match *body.get(i)? {
+                b'"' => {}
+                b'}' => break,
+                _ => return Some(State::Malformed),
+            }
+            let name_start = i + 1;
+            i = string_end(body, name_start, &mut false)?;
+            // As collected by the state machine: at most `MAX_NAME_BYTES` with the closing quote.
+            let name = &body[name_start..i - 1];
+            let capturing = self.wanted_index_of(&name[..name.len().min(MAX_NAME_BYTES - 1)]);
+            i = skip_space(i);
+            if *body.get(i)? != b':' {
+                return Some(State::Malformed);
+            }
+            i = skip_space(i + 1);
+            let value_start = i;
+            i = match *body.get(i)? {
+                b'"' => string_end(body, i + 1, &mut false)?,
+                b'{' | b'[' => i + 1 + container_end(&body[i + 1..], &mut 1, &mut false, &mut false)?,
+                // The first byte is part of a scalar whatever it is; the scalar ends before a
+                // delimiter, and must end in `body` (a number could go on in the next chunk).
+                _ => {
+                    let rest = &body[i + 1..];
+                    i + 1 + rest.iter().position(|&b| is_scalar_end(b))?
+                }
+            };
+            if let Some(index) = capturing {
+                self.capture(index, &body[value_start..i]);
+            }
+            i = skip_space(i);
+            match *body.get(i)? {
+                b',' => i += 1,
+                b'}' => break,
+                _ => return Some(State::Malformed),
+            }
+        }
+        // After the closing brace, only white space.
+        let rest = &body[i + 1..];
+        Some(if rest.iter().all(u8::is_ascii_whitespace) {
+            State::End
+        } else {
+            State::Malformed
+        })
+    }
+
+    /// Appends a wanted member's whole value to the rebuilt object, unless it is over the limit.
+    fn capture(&mut self, index: usize, value: &[u8]) {
+        if value.len() > self.max_value_bytes {
+            self.dropped_values += 1;
+            return;
+        }
+        self.append_member(index, value);
+    }
+
+    /// Which wanted member the collected name is (see `wanted_index_of`).
     fn wanted_index(&self) -> Option<usize> {
-        let raw = self.key.as_slice();
+        self.wanted_index_of(&self.key)
+    }
+
+    /// Which wanted member `raw` names. A name with escapes (`"us\u0061ge"`) is compared as JSON
+    /// reads it; a name cut at the collection limit matches nothing (wanted names are short).
+    fn wanted_index_of(&self, raw: &[u8]) -> Option<usize> {
         if !raw.contains(&b'\\') {
             return self.wanted.iter().position(|w| w.as_bytes() == raw);
         }
@@ -188,9 +295,7 @@ impl TopLevelFields {
     fn value_bytes(&mut self, mut value: Value, input: &[u8]) -> usize {
         let end = match &mut value {
             Value::String { escaped } => string_end(input, 0, escaped),
-            Value::Scalar => input
-                .iter()
-                .position(|&b| matches!(b, b',' | b'}' | b']') || b.is_ascii_whitespace()),
+            Value::Scalar => input.iter().position(|&b| is_scalar_end(b)),
             Value::Container {
                 depth,
                 in_string,
@@ -229,16 +334,27 @@ impl TopLevelFields {
         if let Some(index) = self.capturing.take()
             && !self.value_too_large
         {
-            if self.captured.len() > 1 {
-                self.captured.push(b',');
-            }
-            self.captured.push(b'"');
-            self.captured.extend_from_slice(self.wanted[index].as_bytes());
-            self.captured.extend_from_slice(b"\":");
-            self.captured.extend_from_slice(&self.value);
+            let value = std::mem::take(&mut self.value);
+            self.append_member(index, &value);
+            self.value = value;
         }
         self.value.clear();
     }
+
+    fn append_member(&mut self, index: usize, value: &[u8]) {
+        if self.captured.len() > 1 {
+            self.captured.push(b',');
+        }
+        self.captured.push(b'"');
+        self.captured.extend_from_slice(self.wanted[index].as_bytes());
+        self.captured.extend_from_slice(b"\":");
+        self.captured.extend_from_slice(value);
+    }
+}
+
+/// Whether `byte` ends a scalar value (it is not part of it).
+fn is_scalar_end(byte: u8) -> bool {
+    matches!(byte, b',' | b'}' | b']') || byte.is_ascii_whitespace()
 }
 
 /// Inside a string from `from`: the index just past its closing quote, or `None` when `input` ends
@@ -253,13 +369,25 @@ pub(crate) fn string_end(input: &[u8], from: usize, escaped: &mut bool) -> Optio
             *escaped = false;
             i += 1;
         }
-        i += memchr::memchr2(b'"', b'\\', input.get(i..)?)?;
+        i += quote_or_backslash(input.get(i..)?)?;
         if input[i] == b'"' {
             return Some(i + 1);
         }
         *escaped = true;
         i += 1;
     }
+}
+
+/// The first `"` or `\` in `input`. Most JSON strings are a few bytes long: a plain loop over their
+/// first bytes costs less than a vectorized search's setup; longer ones get the vectorized search.
+fn quote_or_backslash(input: &[u8]) -> Option<usize> {
+    const SHORT: usize = 32;
+    let head = &input[..input.len().min(SHORT)];
+    if let Some(found) = head.iter().position(|&b| b == b'"' || b == b'\\') {
+        return Some(found);
+    }
+    let tail = input.get(SHORT..)?;
+    memchr::memchr2(b'"', b'\\', tail).map(|found| SHORT + found)
 }
 
 /// Bytes that matter outside strings in a container.

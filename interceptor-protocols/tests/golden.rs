@@ -219,3 +219,44 @@ fn corpus() {
         }
     }
 }
+
+/// A body read whole from its first chunk (the quick reader) gives what the member scanner gives
+/// when the same bytes come in pieces, also when garbage or white space follows the object.
+#[test]
+fn a_body_read_whole_ends_as_one_read_in_pieces() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let object = std::fs::read(root.join("openai/chat-reasoning.json")).expect("fixture");
+    assert!(
+        interceptor_protocols::openai::quick_body(&mut Default::default(), &object),
+        "the quick reader reads the fixture"
+    );
+    let route = classify(Adapter::Openai, "POST", "/v1/chat/completions", "");
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let read = |chunks: &[&[u8]]| {
+        let mut accountant =
+            ResponseAccountant::new(Adapter::Openai, &route, 200, &headers, Limits::default());
+        for chunk in chunks {
+            accountant.feed(chunk);
+        }
+        accountant.finish(true)
+    };
+    for tail in [&b""[..], b"\r\n ", b"{}", b" x"] {
+        let whole = read(&[&object, tail]);
+        let bytes: Vec<&[u8]> = object.chunks(1).chain(tail.chunks(1)).collect();
+        assert_eq!(whole, read(&bytes), "tail {tail:?}");
+        let garbage = tail.iter().any(|b| !b.is_ascii_whitespace());
+        assert_eq!(
+            whole.status,
+            if garbage {
+                interceptor_protocols::UsageStatus::Malformed
+            } else {
+                interceptor_protocols::UsageStatus::Reported
+            },
+            "tail {tail:?}"
+        );
+    }
+}

@@ -1,4 +1,4 @@
-//! The top-level member scanner: split invariance, whatever it rebuilds from a valid JSON object is
+//! The top-level member scanner: split invariance (the whole-body walk agrees with the state machine), whatever it rebuilds from a valid JSON object is
 //! valid JSON, and without a size limit it keeps exactly the wanted members serde_json reads (the
 //! last occurrence of a duplicate, as serde_json does).
 #![no_main]
@@ -23,6 +23,9 @@ fuzz_target!(|data: &[u8]| {
     let at = usize::from(at).min(body.len());
     let whole = scan(&[body]);
     assert_eq!(whole, scan(&[&body[..at], &body[at..]]));
+    // One byte at a time is the state machine alone; a whole body takes the one-slice walk.
+    let bytes: Vec<&[u8]> = body.chunks(1).collect();
+    assert_eq!(whole, scan(&bytes), "the whole-body walk and the state machine disagree");
     let input_is_object = serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| v.is_object());
     if let (true, Fields::Object(object)) = (input_is_object, &whole) {
         assert!(

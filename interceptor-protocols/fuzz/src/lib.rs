@@ -48,6 +48,12 @@ pub fn check_usage(adapter: Adapter, paths: &[&str; 4], data: &[u8]) {
         return;
     };
     let at = usize::from(at).min(body.len());
+    if adapter == Adapter::Openai {
+        assert!(
+            interceptor_protocols::openai::quick_agrees_with_serde(body),
+            "the quick reader and serde disagree"
+        );
+    }
     let whole = account(adapter, paths, selector, &[body]);
     let split = account(adapter, paths, selector, &[&body[..at], &body[at..]]);
     assert_eq!(whole, split);
