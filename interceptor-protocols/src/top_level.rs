@@ -46,7 +46,7 @@ pub struct TopLevelFields {
     capturing: Option<usize>,
     value: Vec<u8>,
     value_too_large: bool,
-    /// The rebuilt object, without its closing brace.
+    /// The rebuilt object, without its closing brace (empty until a member is kept).
     captured: Vec<u8>,
     dropped_values: u32,
 }
@@ -66,16 +66,12 @@ impl TopLevelFields {
             wanted,
             max_value_bytes,
             state: State::Start,
-            key: Vec::with_capacity(MAX_NAME_BYTES),
+            // Buffers are allocated on first use: a body read whole by a quick reader needs none.
+            key: Vec::new(),
             capturing: None,
-            // Sized for the usual members (a usage object, a model name, an id): no regrowth.
-            value: Vec::with_capacity(512),
+            value: Vec::new(),
             value_too_large: false,
-            captured: {
-                let mut captured = Vec::with_capacity(1024);
-                captured.push(b'{');
-                captured
-            },
+            captured: Vec::new(),
             dropped_values: 0,
         }
     }
@@ -169,6 +165,9 @@ impl TopLevelFields {
         }
         if self.state != State::End {
             return Fields::Malformed;
+        }
+        if self.captured.is_empty() {
+            self.captured.push(b'{');
         }
         self.captured.push(b'}');
         Fields::Object(self.captured)
@@ -327,6 +326,10 @@ impl TopLevelFields {
             self.value = Vec::new();
             return;
         }
+        if self.value.capacity() == 0 {
+            // Sized for the usual members (a usage object, a model name, an id): no regrowth.
+            self.value.reserve(512);
+        }
         self.value.extend_from_slice(bytes);
     }
 
@@ -342,7 +345,11 @@ impl TopLevelFields {
     }
 
     fn append_member(&mut self, index: usize, value: &[u8]) {
-        if self.captured.len() > 1 {
+        if self.captured.is_empty() {
+            // Sized for the usual members (a usage object, a model name, an id): no regrowth.
+            self.captured.reserve(1024);
+            self.captured.push(b'{');
+        } else {
             self.captured.push(b',');
         }
         self.captured.push(b'"');

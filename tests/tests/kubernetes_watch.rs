@@ -428,6 +428,7 @@ fn the_fake_api_serves_replicasets_and_jobs_to_the_real_client() {
         let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
             .await
             .expect("config");
+        interceptor::tls::install_default_provider();
         let client = kube::Client::try_from(config).expect("client");
         let replicasets: Api<ReplicaSet> = Api::namespaced(client.clone(), "team-a");
 

@@ -249,6 +249,8 @@ async fn connect(settings: &KubernetesSettings) -> anyhow::Result<Option<Client>
     };
     let Some(config) = config else { return Ok(None) };
     info!(api = %config.cluster_url, node = %settings.watch.node_name, "watching this node's pods");
+    // The client builds its TLS configuration with the process-wide crypto provider.
+    crate::tls::install_default_provider();
     let client = Client::try_from(config).context("building the Kubernetes client")?;
     Ok(Some(client))
 }

@@ -115,7 +115,7 @@ fn mint(ca: &EnterpriseCa, sni: &str, ttl: Duration) -> Result<Arc<ServerConfig>
 mod tests {
     use super::*;
 
-    use rustls::crypto::aws_lc_rs::cipher_suite;
+    use rustls::crypto::ring::cipher_suite;
     use rustls::pki_types::ServerName;
     use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConnection};
 
