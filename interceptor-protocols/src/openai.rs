@@ -224,8 +224,14 @@ impl<'a> Response<'a> {
                     })?;
                     response.x_groq = present.then_some(Groq { usage });
                 }
-                // Error bodies are rare: serde reads them.
-                b"error" => return None,
+                // The Responses API sends `"error": null` on success; error bodies themselves are
+                // rare, and serde reads them.
+                b"error" => {
+                    first_time(&mut seen, 4)?;
+                    if !reader.null() {
+                        return None;
+                    }
+                }
                 _ => reader.skip()?,
             }
             Some(())
@@ -442,6 +448,7 @@ mod tests {
             r#"{"id":"resp_1","model":"gpt-4o","usage":{"input_tokens":8,"input_tokens_details":{"cached_tokens":null},"output_tokens":4,"output_tokens_details":null}}"#,
             r#"{"id":"g","model":"llama","x_groq":{"id":"req_1","usage":{"prompt_tokens":3,"completion_tokens":2}}}"#,
             " { \"model\" : \"m\" , \"usage\" : { } }\r\n",
+            r#"{"id":"resp_2","object":"response","status":"completed","error":null,"model":"gpt-4o","output":[{"type":"message","content":[{"type":"output_text","text":"Hi"}]}],"usage":{"input_tokens":5,"output_tokens":2}}"#,
             r#"{"model":"modèle"}"#,
         ];
         for body in read {
@@ -453,6 +460,7 @@ mod tests {
         let declined = [
             r#"{"error":{"type":"invalid_request_error","code":null}}"#,
             r#"{"model":"a","model":"b"}"#,
+            r#"{"error":null,"error":null}"#,
             r#"{"usage":{"prompt_tokens":1,"prompt_tokens":2}}"#,
             r#"{"usage":{"prompt_tokens_details":{"cached_tokens":1,"cached_tokens":1}}}"#,
             r#"{"mod\u0065l":"m"}"#,

@@ -250,7 +250,8 @@ impl<'a> Reader<'a> {
         Some(())
     }
 
-    fn null(&mut self) -> bool {
+    /// Reads a `null` if one is next; false (nothing read) otherwise.
+    pub(crate) fn null(&mut self) -> bool {
         self.literal(b"null").is_some()
     }
 
