@@ -198,6 +198,7 @@ impl Reader {
                 // would (it declines everything else, which the member scanner then reads).
                 if fields.untouched()
                     && chunk.len() <= fields.max_value_bytes()
+                    && crate::top_level::may_hold_whole_object(chunk)
                     && let Some(read) = quick_json_body(*dialect, chunk)
                 {
                     *framing = Framing::JsonRead {

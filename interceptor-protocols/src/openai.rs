@@ -137,17 +137,9 @@ fn details_into<T: Details>(
     slot: &mut Option<T>,
 ) -> Option<()> {
     first_time(seen, index)?;
-    let mut count = None;
-    let mut seen_count = 0;
-    let present = reader.object_or_null(|reader, name| {
-        if name != T::FIELD {
-            return reader.skip();
-        }
-        first_time(&mut seen_count, 0)?;
-        count = reader.u64_or_null()?;
-        Some(())
-    })?;
-    *slot = present.then(|| T::with(count));
+    *slot = reader
+        .one_member_or_null(T::FIELD, Reader::u64_or_null)?
+        .map(T::with);
     Some(())
 }
 
@@ -212,17 +204,9 @@ impl<'a> Response<'a> {
                 }
                 b"x_groq" => {
                     first_time(&mut seen, 3)?;
-                    let mut usage = None;
-                    let mut seen_usage = 0;
-                    let present = reader.object_or_null(|reader, name| {
-                        if name != b"usage" {
-                            return reader.skip();
-                        }
-                        first_time(&mut seen_usage, 0)?;
-                        usage = UsageBody::quick(reader)?;
-                        Some(())
-                    })?;
-                    response.x_groq = present.then_some(Groq { usage });
+                    response.x_groq = reader
+                        .one_member_or_null(b"usage", UsageBody::quick)?
+                        .map(|usage| Groq { usage });
                 }
                 // The Responses API sends `"error": null` on success; error bodies themselves are
                 // rare, and serde reads them.

@@ -46,24 +46,32 @@ impl<'a> Reader<'a> {
 
     /// Reads an object, calling `member` for each member as `whole_object` does.
     pub(crate) fn object(&mut self, mut member: impl FnMut(&mut Self, &'a [u8]) -> Option<()>) -> Option<()> {
+        self.sequence(b'{', b'}', |reader| {
+            let name = reader.name()?;
+            reader.skip_space();
+            reader.expect(b':')?;
+            reader.skip_space();
+            member(reader, name)
+        })
+    }
+
+    /// An object's members or an array's elements: `open`, then items (each read by `item` from its
+    /// first byte) separated by commas, then `close`; no trailing comma, as serde_json reads them.
+    fn sequence(&mut self, open: u8, close: u8, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
         self.skip_space();
-        self.expect(b'{')?;
+        self.expect(open)?;
         self.skip_space();
-        if self.peek()? == b'}' {
+        if self.peek()? == close {
             self.pos += 1;
             return Some(());
         }
         loop {
             self.skip_space();
-            let name = self.name()?;
-            self.skip_space();
-            self.expect(b':')?;
-            self.skip_space();
-            member(self, name)?;
+            item(self)?;
             self.skip_space();
             match self.next()? {
                 b',' => {}
-                b'}' => return Some(()),
+                byte if byte == close => return Some(()),
                 _ => return None,
             }
         }
@@ -79,6 +87,27 @@ impl<'a> Reader<'a> {
         }
         self.object(member)?;
         Some(true)
+    }
+
+    /// `null` or an object of which only member `wanted` matters, read with `read` (for an
+    /// `Option<Struct>` whose struct has one `Option` field): `Some(None)` for `null`,
+    /// `Some(Some(value))` for an object, `value` being `None` when the member is absent.
+    pub(crate) fn one_member_or_null<T>(
+        &mut self,
+        wanted: &[u8],
+        mut read: impl FnMut(&mut Self) -> Option<Option<T>>,
+    ) -> Option<Option<Option<T>>> {
+        let mut value = None;
+        let mut seen = 0;
+        let present = self.object_or_null(|reader, name| {
+            if name != wanted {
+                return reader.skip();
+            }
+            first_time(&mut seen, 0)?;
+            value = read(reader)?;
+            Some(())
+        })?;
+        Some(present.then_some(value))
     }
 
     /// An unsigned integer as serde reads a `u64` (no sign, fraction, exponent or leading zero), or
@@ -124,24 +153,7 @@ impl<'a> Reader<'a> {
             b'"' => self.skip_string(),
             b'{' | b'[' if depth >= MAX_DEPTH => None,
             b'{' => self.object(|reader, _| reader.skip_value(depth + 1)),
-            b'[' => {
-                self.pos += 1;
-                self.skip_space();
-                if self.peek()? == b']' {
-                    self.pos += 1;
-                    return Some(());
-                }
-                loop {
-                    self.skip_space();
-                    self.skip_value(depth + 1)?;
-                    self.skip_space();
-                    match self.next()? {
-                        b',' => {}
-                        b']' => return Some(()),
-                        _ => return None,
-                    }
-                }
-            }
+            b'[' => self.sequence(b'[', b']', |reader| reader.skip_value(depth + 1)),
             b't' => self.literal(b"true"),
             b'f' => self.literal(b"false"),
             b'n' => self.literal(b"null"),

@@ -79,7 +79,7 @@ impl TopLevelFields {
     pub fn feed(&mut self, chunk: &[u8]) {
         // Most bodies come in one chunk: read those with a walk over the slice, without the state
         // machine's dispatch on every byte between values.
-        if self.state == State::Start && self.read_whole(chunk) {
+        if self.untouched() && may_hold_whole_object(chunk) && self.read_whole(chunk) {
             return;
         }
         let mut i = 0;
@@ -359,6 +359,13 @@ impl TopLevelFields {
     }
 }
 
+/// Whether `chunk` can hold a whole object: its last byte other than white space is `}`. A cheap
+/// check before a whole-body read, which fails only at the end of a chunk that goes on: the first
+/// chunk of a long body is then scanned once, not once per attempt.
+pub fn may_hold_whole_object(chunk: &[u8]) -> bool {
+    chunk.iter().rev().find(|b| !b.is_ascii_whitespace()) == Some(&b'}')
+}
+
 /// Whether `byte` ends a scalar value (it is not part of it).
 fn is_scalar_end(byte: u8) -> bool {
     matches!(byte, b',' | b'}' | b']') || byte.is_ascii_whitespace()
@@ -476,6 +483,14 @@ mod tests {
                 assert_eq!(fields, Fields::Object(expected.to_vec()), "split {a},{b}");
             }
         }
+    }
+
+    #[test]
+    fn only_a_chunk_ending_in_a_brace_may_hold_a_whole_object() {
+        assert!(may_hold_whole_object(b" {\"a\":{}} \r\n"));
+        assert!(!may_hold_whole_object(br#"{"a":[1,2"#));
+        assert!(!may_hold_whole_object(b"  "));
+        assert!(!may_hold_whole_object(b""));
     }
 
     #[test]
