@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -66,6 +67,24 @@ impl<B> Accounted<B> {
         Some(Bytes::from(event))
     }
 
+    /// The body ended complete (`last`: its final chunk, not yet read): the rest of its accounting
+    /// and its record are a task's, so the client's last bytes are not held up by them.
+    fn settle_later(&mut self, last: Option<Bytes>) {
+        let Some(accountant) = self.accountant.take() else {
+            return;
+        };
+        let settlement = Settlement {
+            accountant: Some(accountant),
+            last,
+            ended: Instant::now(),
+            exchange: self.exchange.clone(),
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // Settled when the task runs, or when a runtime shutting down drops it unpolled.
+            runtime.spawn(async move { drop(settlement) });
+        }
+    }
+
     fn finish(&mut self, complete: bool) {
         if let Some(accountant) = self.accountant.take() {
             self.exchange.accounted(accountant.finish(complete));
@@ -111,7 +130,7 @@ where
                 }
                 Poll::Ready(None) => {
                     let tail = this.take_stripped_tail();
-                    this.finish(true);
+                    this.settle_later(None);
                     return Poll::Ready(tail.map(|data| Ok(Frame::data(data))));
                 }
             };
@@ -119,12 +138,16 @@ where
                 Ok(data) => data,
                 Err(frame) => return Poll::Ready(Some(Ok(frame))),
             };
-            if let Some(accountant) = this.accountant.as_mut()
+            let ended = this.inner.is_end_stream();
+            if ended {
+                // hyper stops polling once the body says it ended: the last chunk is read, and the
+                // accounting finished as complete, once hyper has it on its way to the client.
+                this.settle_later(Some(data.clone()));
+            } else if let Some(accountant) = this.accountant.as_mut()
                 && accountant.feed(&data)
             {
                 this.exchange.first_token();
             }
-            let ended = this.inner.is_end_stream();
             let data = match this.stripper.as_mut() {
                 None => data,
                 Some(stripper) => {
@@ -136,10 +159,6 @@ where
                     Bytes::copy_from_slice(&this.stripped)
                 }
             };
-            if ended {
-                // hyper stops polling once the body says it ended: finish now, as complete.
-                this.finish(true);
-            }
             let data = match this.hard_stop_event() {
                 None => data,
                 Some(event) => {
@@ -183,6 +202,31 @@ impl<B> Accounted<B> {
         let data = Bytes::copy_from_slice(&self.stripped);
         self.delivered(&data);
         Some(data)
+    }
+}
+
+/// The end of a complete body's accounting: its last chunk read, the accountant finished and, when
+/// the exchange goes with it, the record emitted. Done when dropped, wherever that happens.
+struct Settlement {
+    accountant: Option<ResponseAccountant>,
+    last: Option<Bytes>,
+    /// When the body ended (and its last chunk arrived).
+    ended: Instant,
+    exchange: Arc<Exchange>,
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        self.exchange.body_ended(self.ended);
+        let Some(mut accountant) = self.accountant.take() else {
+            return;
+        };
+        if let Some(last) = self.last.take()
+            && accountant.feed(&last)
+        {
+            self.exchange.first_token_at(self.ended);
+        }
+        self.exchange.accounted(accountant.finish(true));
     }
 }
 

@@ -124,6 +124,8 @@ pub struct Exchange {
     request: OnceLock<RequestSide>,
     response: OnceLock<ResponseMeta>,
     time_to_first_token: OnceLock<Duration>,
+    /// When the response body ended (the record's latency); unset, the record's emission time.
+    ended: OnceLock<Duration>,
     outcome: OnceLock<Accounting>,
     quota: OnceLock<QuotaVerdict>,
     /// Bodies kept for the audit log (`audit.content`).
@@ -169,6 +171,7 @@ impl Exchange {
             request: OnceLock::new(),
             response: OnceLock::new(),
             time_to_first_token: OnceLock::new(),
+            ended: OnceLock::new(),
             outcome: OnceLock::new(),
             quota: OnceLock::new(),
             capture,
@@ -209,7 +212,19 @@ impl Exchange {
 
     /// The first generated output reached the client.
     pub fn first_token(&self) {
-        let _ = self.time_to_first_token.set(self.started.elapsed());
+        self.first_token_at(Instant::now());
+    }
+
+    /// The first generated output arrived at `at` (read later, off the client's path).
+    pub fn first_token_at(&self, at: Instant) {
+        let _ = self
+            .time_to_first_token
+            .set(at.saturating_duration_since(self.started));
+    }
+
+    /// The response body ended at `at`: the record's latency, however late it is emitted.
+    pub fn body_ended(&self, at: Instant) {
+        let _ = self.ended.set(at.saturating_duration_since(self.started));
     }
 
     /// The response body was read to its end (or cut short).
@@ -249,7 +264,11 @@ impl Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        let latency = self.started.elapsed();
+        let latency = self
+            .ended
+            .get()
+            .copied()
+            .unwrap_or_else(|| self.started.elapsed());
         let status = self.status.load(Ordering::Relaxed);
         let class = match status {
             0 => "none",
