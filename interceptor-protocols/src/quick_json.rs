@@ -22,6 +22,33 @@ static STRING_STOP: [bool; 256] = {
     table
 };
 
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGH_BITS: u64 = ONES * 0x80;
+
+/// Skips, eight bytes at a time, the string bytes from `pos` that need no look (no quote, backslash
+/// or control byte), OR-ing their high bits into `high_bits` (non-ASCII when set); returns where the
+/// byte-wise scan takes over. Bit tricks after "Determine if a word has a byte less than n" (Sean
+/// Anderson's bithacks): exact as to whether a word holds such a byte.
+fn skip_plain_words(input: &[u8], mut pos: usize, high_bits: &mut u64) -> usize {
+    while let Some(chunk) = input.get(pos..pos + 8) {
+        let Ok(bytes) = <[u8; 8]>::try_from(chunk) else {
+            break;
+        };
+        let word = u64::from_le_bytes(bytes);
+        let quote = word ^ (ONES * u64::from(b'"'));
+        let backslash = word ^ (ONES * u64::from(b'\\'));
+        let control = word.wrapping_sub(ONES * 0x20) & !word;
+        let quote = quote.wrapping_sub(ONES) & !quote;
+        let backslash = backslash.wrapping_sub(ONES) & !backslash;
+        if (control | quote | backslash) & HIGH_BITS != 0 {
+            break;
+        }
+        *high_bits |= word & HIGH_BITS;
+        pos += 8;
+    }
+    pos
+}
+
 /// A position in a complete JSON text.
 pub(crate) struct Reader<'a> {
     input: &'a [u8],
@@ -135,6 +162,16 @@ impl<'a> Reader<'a> {
         Some(Some(value))
     }
 
+    /// `true` or `false`, or `null`.
+    pub(crate) fn bool_or_null(&mut self) -> Option<Option<bool>> {
+        match self.peek()? {
+            b'n' => self.literal(b"null").map(|()| None),
+            b't' => self.literal(b"true").map(|()| Some(true)),
+            b'f' => self.literal(b"false").map(|()| Some(false)),
+            _ => None,
+        }
+    }
+
     /// A string without escapes, or `null`.
     pub(crate) fn str_or_null(&mut self) -> Option<Option<&'a str>> {
         if self.null() {
@@ -186,8 +223,11 @@ impl<'a> Reader<'a> {
     fn string(&mut self, escapes: bool) -> Option<(&'a [u8], bool)> {
         self.expect(b'"')?;
         let start = self.pos;
+        let mut high_bits = 0;
         let mut ascii = true;
         loop {
+            self.pos = skip_plain_words(self.input, self.pos, &mut high_bits);
+            ascii &= high_bits == 0;
             let at = self.pos
                 + self.input[self.pos..]
                     .iter()
@@ -306,6 +346,24 @@ pub(crate) fn first_time(seen: &mut u32, index: u32) -> Option<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn word_skipping_stops_exactly_at_words_holding_a_quote_backslash_or_control_byte() {
+        for byte in 0..=255u8 {
+            for at in 0..8 {
+                let mut text = [b'a'; 16];
+                text[at] = byte;
+                let mut high_bits = 0;
+                let end = skip_plain_words(&text, 0, &mut high_bits);
+                let stops = byte < 0x20 || byte == b'"' || byte == b'\\';
+                assert_eq!(end, if stops { 0 } else { 16 }, "byte {byte:#04x} at {at}");
+                assert_eq!(high_bits != 0, !stops && byte >= 0x80, "byte {byte:#04x} at {at}");
+            }
+        }
+        // A short tail is left to the byte-wise scan.
+        assert_eq!(skip_plain_words(b"abcdefghij", 0, &mut 0), 8);
+        assert_eq!(skip_plain_words(b"abcdefghij", 5, &mut 0), 5);
+    }
 
     /// Skips a whole text that is one object.
     fn accepts(text: &str) -> bool {
