@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 
 use crate::needle::{Needle, needle};
+use crate::quick_json::{Reader, first_time};
 
 static STREAM_OPTIONS_KEY: Needle = needle!(b"\"stream_options\"");
 
@@ -54,6 +55,9 @@ pub fn probe(body: &[u8]) -> Result<RequestFacts, serde_json::Error> {
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(serde::de::Error::custom("a request body is a JSON object"));
     }
+    if let Some(facts) = quick_probe(body) {
+        return Ok(facts);
+    }
     let probe: Probe<'_> = serde_json::from_slice(body)?;
     Ok(RequestFacts {
         model: probe.model.map(Cow::into_owned),
@@ -70,6 +74,83 @@ pub fn probe(body: &[u8]) -> Result<RequestFacts, serde_json::Error> {
             .or(probe.max_output_tokens)
             .or(probe.generation_config.and_then(|g| g.max_output_tokens)),
     })
+}
+
+/// `probe` by the quick reader: `None` where it declines, serde then reads the body (so results and
+/// errors stay serde's).
+fn quick_probe(body: &[u8]) -> Option<RequestFacts> {
+    let mut model = None;
+    let mut stream = None;
+    let mut stream_options = None;
+    let mut limits = [None; 4];
+    let mut seen = 0;
+    Reader::new(body).whole_object(|reader, name| {
+        let index = match name {
+            b"model" => {
+                first_time(&mut seen, 0)?;
+                model = reader.str_or_null()?;
+                return Some(());
+            }
+            b"stream" => {
+                first_time(&mut seen, 1)?;
+                stream = reader.bool_or_null()?;
+                return Some(());
+            }
+            b"stream_options" => {
+                first_time(&mut seen, 2)?;
+                stream_options = reader.one_member_or_null(b"include_usage", Reader::bool_or_null)?;
+                return Some(());
+            }
+            b"max_completion_tokens" => 0,
+            b"max_tokens" => 1,
+            b"max_output_tokens" => 2,
+            b"generationConfig" => {
+                first_time(&mut seen, 6)?;
+                limits[3] = reader
+                    .one_member_or_null(b"maxOutputTokens", Reader::u64_or_null)?
+                    .flatten();
+                return Some(());
+            }
+            _ => return reader.skip(),
+        };
+        first_time(&mut seen, 3 + index)?;
+        limits[index as usize] = reader.u64_or_null()?;
+        Some(())
+    })?;
+    Some(RequestFacts {
+        model: model.map(str::to_owned),
+        stream: stream.unwrap_or(false),
+        include_usage: stream_options.flatten().unwrap_or(false),
+        has_stream_options: stream_options.is_some(),
+        max_output_tokens: limits.into_iter().flatten().next(),
+    })
+}
+
+/// Whether the quick reader, where it reads a body, reads what serde reads (the fuzz target asserts
+/// it).
+#[doc(hidden)]
+pub fn quick_probe_agrees_with_serde(body: &[u8]) -> bool {
+    let Some(quick) = quick_probe(body) else {
+        return true;
+    };
+    let Ok(probe) = serde_json::from_slice::<Probe<'_>>(body) else {
+        return false;
+    };
+    quick.model.as_deref() == probe.model.as_deref()
+        && quick.stream == probe.stream.unwrap_or(false)
+        && quick.include_usage
+            == probe
+                .stream_options
+                .as_ref()
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false)
+        && quick.has_stream_options == probe.stream_options.is_some()
+        && quick.max_output_tokens
+            == probe
+                .max_completion_tokens
+                .or(probe.max_tokens)
+                .or(probe.max_output_tokens)
+                .or(probe.generation_config.and_then(|g| g.max_output_tokens))
 }
 
 /// The body with `stream_options.include_usage` set to true. Without `stream_options` the member
@@ -121,6 +202,46 @@ mod tests {
         assert!(probe(b"not json").is_err());
         // Found by the fuzzer: serde reads structs from arrays too.
         assert!(probe(b"[\t\"t\",true\t,{}]\n").is_err());
+    }
+
+    #[test]
+    fn the_quick_reader_probes_as_serde_does_and_leaves_it_the_rest() {
+        let read = [
+            &br#"{"model":"gpt-4o","messages":[{"role":"user","content":"a\nb \u00e9"}],"stream":true}"#[..],
+            br#" {"model":null,"stream":null,"stream_options":null,"max_tokens":null} "#,
+            br#"{"stream_options":{"include_usage":false,"x":[1,{"y":2}]},"stream":false}"#,
+            br#"{"stream_options":{},"max_output_tokens":7,"max_tokens":9}"#,
+            br#"{"contents":[],"generationConfig":{"temperature":0.5,"maxOutputTokens":30}}"#,
+            r#"{"generationConfig":null,"unknown":{"model":"nested"},"model":"mé"}"#.as_bytes(),
+        ];
+        for body in read {
+            assert!(quick_probe(body).is_some(), "{}", String::from_utf8_lossy(body));
+            assert!(
+                quick_probe_agrees_with_serde(body),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let declined = [
+            &br#"{"model":"a","model":"b"}"#[..],
+            br#"{"m\u006fdel":"m"}"#,
+            br#"{"model":"gpt\u002d4o"}"#,
+            br#"{"stream":1}"#,
+            br#"{"stream_options":{"include_usage":true,"include_usage":true}}"#,
+            br#"{"max_tokens":1.5}"#,
+            br#"{"max_tokens":-1}"#,
+            br#"["gpt-4o",true]"#,
+            br#"{"model":"m"} x"#,
+            br#"{"model":"m",}"#,
+            b"{\"model\":\"\x01\"}",
+        ];
+        for body in declined {
+            assert!(quick_probe(body).is_none(), "{}", String::from_utf8_lossy(body));
+        }
+        // What serde makes of a declined body stands.
+        let escaped = probe(br#"{"model":"gpt\u002d4o","stream":true}"#).expect("serde reads it");
+        assert_eq!(escaped.model.as_deref(), Some("gpt-4o"));
+        assert!(probe(br#"{"model":"a","model":"b"}"#).is_err());
     }
 
     #[test]
