@@ -9,6 +9,7 @@ pub mod exchange;
 pub mod http;
 pub mod passthrough;
 pub mod record;
+pub mod replayed;
 pub mod request_body;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

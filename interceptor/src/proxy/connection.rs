@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -15,6 +14,7 @@ use super::classify::{self, Hello};
 use super::exchange::ConnInfo;
 use super::http::{self, HttpContext};
 use super::passthrough;
+use super::replayed::Replayed;
 use super::{ProxyContext, ProxyError};
 use crate::identity::{Identity, KernelFacts, ProcessDetails};
 use crate::kubernetes::PodIdentity;
@@ -203,8 +203,7 @@ async fn terminate(
         Err(e) => return (Mode::HandshakeFailed, Err(e.to_string())),
     };
     // Replay the ClientHello bytes already read, then the rest of the stream.
-    let (read_half, write_half) = client.into_split();
-    let io = tokio::io::join(std::io::Cursor::new(buffer).chain(read_half), write_half);
+    let io = Replayed::new(buffer, client);
     let handshake = async {
         let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
         start.into_stream(config).await
