@@ -91,6 +91,9 @@ where
             .await
     } else {
         hyper::server::conn::http1::Builder::new()
+            // Head and body in one buffer: one TLS record (one seal here, one open at the client)
+            // where vectored writes make one per part.
+            .writev(false)
             .serve_connection(io, service)
             .with_upgrades()
             .await

@@ -191,7 +191,10 @@ where
             .connect(&self.key.sni)
             .await
             .map_err(H1Error::Connect)?;
-        let (sender, connection) = http1::handshake(TokioIo::new(tls))
+        // Head and body in one TLS record, as the server side writes them.
+        let (sender, connection) = http1::Builder::new()
+            .writev(false)
+            .handshake(TokioIo::new(tls))
             .await
             .map_err(H1Error::Handshake)?;
         tokio::spawn(async move {
