@@ -58,22 +58,27 @@ pub fn probe(body: &[u8]) -> Result<RequestFacts, serde_json::Error> {
     if let Some(facts) = quick_probe(body) {
         return Ok(facts);
     }
-    let probe: Probe<'_> = serde_json::from_slice(body)?;
-    Ok(RequestFacts {
-        model: probe.model.map(Cow::into_owned),
-        stream: probe.stream.unwrap_or(false),
-        include_usage: probe
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
-        has_stream_options: probe.stream_options.is_some(),
-        max_output_tokens: probe
-            .max_completion_tokens
-            .or(probe.max_tokens)
-            .or(probe.max_output_tokens)
-            .or(probe.generation_config.and_then(|g| g.max_output_tokens)),
-    })
+    serde_json::from_slice(body).map(Probe::into_facts)
+}
+
+impl Probe<'_> {
+    fn into_facts(self) -> RequestFacts {
+        RequestFacts {
+            model: self.model.map(Cow::into_owned),
+            stream: self.stream.unwrap_or(false),
+            include_usage: self
+                .stream_options
+                .as_ref()
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+            has_stream_options: self.stream_options.is_some(),
+            max_output_tokens: self
+                .max_completion_tokens
+                .or(self.max_tokens)
+                .or(self.max_output_tokens)
+                .or(self.generation_config.and_then(|g| g.max_output_tokens)),
+        }
+    }
 }
 
 /// `probe` by the quick reader: `None` where it declines, serde then reads the body (so results and
@@ -82,39 +87,44 @@ fn quick_probe(body: &[u8]) -> Option<RequestFacts> {
     let mut model = None;
     let mut stream = None;
     let mut stream_options = None;
-    let mut limits = [None; 4];
     let mut seen = 0;
+    // In `probe`'s order of precedence: max_completion_tokens, max_tokens, max_output_tokens,
+    // generationConfig.maxOutputTokens.
+    let mut limits = [None; 4];
     Reader::new(body).whole_object(|reader, name| {
-        let index = match name {
+        match name {
             b"model" => {
                 first_time(&mut seen, 0)?;
                 model = reader.str_or_null()?;
-                return Some(());
             }
             b"stream" => {
                 first_time(&mut seen, 1)?;
                 stream = reader.bool_or_null()?;
-                return Some(());
             }
             b"stream_options" => {
                 first_time(&mut seen, 2)?;
                 stream_options = reader.one_member_or_null(b"include_usage", Reader::bool_or_null)?;
-                return Some(());
             }
-            b"max_completion_tokens" => 0,
-            b"max_tokens" => 1,
-            b"max_output_tokens" => 2,
+            b"max_completion_tokens" => {
+                first_time(&mut seen, 3)?;
+                limits[0] = reader.u64_or_null()?;
+            }
+            b"max_tokens" => {
+                first_time(&mut seen, 4)?;
+                limits[1] = reader.u64_or_null()?;
+            }
+            b"max_output_tokens" => {
+                first_time(&mut seen, 5)?;
+                limits[2] = reader.u64_or_null()?;
+            }
             b"generationConfig" => {
                 first_time(&mut seen, 6)?;
                 limits[3] = reader
                     .one_member_or_null(b"maxOutputTokens", Reader::u64_or_null)?
                     .flatten();
-                return Some(());
             }
-            _ => return reader.skip(),
-        };
-        first_time(&mut seen, 3 + index)?;
-        limits[index as usize] = reader.u64_or_null()?;
+            _ => reader.skip()?,
+        }
         Some(())
     })?;
     Some(RequestFacts {
@@ -133,24 +143,7 @@ pub fn quick_probe_agrees_with_serde(body: &[u8]) -> bool {
     let Some(quick) = quick_probe(body) else {
         return true;
     };
-    let Ok(probe) = serde_json::from_slice::<Probe<'_>>(body) else {
-        return false;
-    };
-    quick.model.as_deref() == probe.model.as_deref()
-        && quick.stream == probe.stream.unwrap_or(false)
-        && quick.include_usage
-            == probe
-                .stream_options
-                .as_ref()
-                .and_then(|o| o.include_usage)
-                .unwrap_or(false)
-        && quick.has_stream_options == probe.stream_options.is_some()
-        && quick.max_output_tokens
-            == probe
-                .max_completion_tokens
-                .or(probe.max_tokens)
-                .or(probe.max_output_tokens)
-                .or(probe.generation_config.and_then(|g| g.max_output_tokens))
+    serde_json::from_slice::<Probe<'_>>(body).is_ok_and(|probe| probe.into_facts() == quick)
 }
 
 /// The body with `stream_options.include_usage` set to true. Without `stream_options` the member
