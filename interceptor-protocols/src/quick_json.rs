@@ -10,26 +10,22 @@
 /// Deepest nesting skipped (serde_json's own limit is 128).
 const MAX_DEPTH: u32 = 64;
 
-/// Bytes that stop a scan through a string: the closing quote, a backslash, a control character
-/// (serde rejects those in strings) and non-ASCII bytes (UTF-8 is checked only when one appears).
-static STRING_STOP: [bool; 256] = {
-    let mut table = [false; 256];
-    let mut byte = 0;
-    while byte < 256 {
-        table[byte] = byte < 0x20 || byte >= 0x80 || byte == b'"' as usize || byte == b'\\' as usize;
-        byte += 1;
-    }
-    table
-};
-
 const ONES: u64 = 0x0101_0101_0101_0101;
 const HIGH_BITS: u64 = ONES * 0x80;
 
-/// Skips, eight bytes at a time, the string bytes from `pos` that need no look (no quote, backslash
-/// or control byte), OR-ing their high bits into `high_bits` (non-ASCII when set); returns where the
-/// byte-wise scan takes over. Bit tricks after "Determine if a word has a byte less than n" (Sean
-/// Anderson's bithacks): exact as to whether a word holds such a byte.
-fn skip_plain_words(input: &[u8], mut pos: usize, high_bits: &mut u64) -> usize {
+/// Whether `byte` ends a run of plain string bytes: the closing quote, a backslash, or a control
+/// character (serde rejects those in strings).
+fn stops_string(byte: u8) -> bool {
+    byte < 0x20 || byte == b'"' || byte == b'\\'
+}
+
+/// The position of the first byte from `pos` that stops a string scan (see [`stops_string`]),
+/// OR-ing the high bits of the bytes before it into `high_bits` (non-ASCII when set); `None` when
+/// the input ends first. Eight bytes at a time while eight are left, with the bit tricks after
+/// "Determine if a word has a byte less than n" (Sean Anderson's bithacks): a borrow only ever
+/// flags bytes above a byte that really matches, so the lowest flag is exact and its position is the
+/// stop, with no byte-wise loop (whose exit, at a string length that varies, mispredicts).
+fn next_string_stop(input: &[u8], mut pos: usize, high_bits: &mut u64) -> Option<usize> {
     while let Some(chunk) = input.get(pos..pos + 8) {
         let Ok(bytes) = <[u8; 8]>::try_from(chunk) else {
             break;
@@ -40,13 +36,24 @@ fn skip_plain_words(input: &[u8], mut pos: usize, high_bits: &mut u64) -> usize 
         let control = word.wrapping_sub(ONES * 0x20) & !word;
         let quote = quote.wrapping_sub(ONES) & !quote;
         let backslash = backslash.wrapping_sub(ONES) & !backslash;
-        if (control | quote | backslash) & HIGH_BITS != 0 {
-            break;
+        let stops = (control | quote | backslash) & HIGH_BITS;
+        if stops != 0 {
+            let index = stops.trailing_zeros() / 8;
+            let before = (1u64 << (index * 8)) - 1;
+            *high_bits |= word & HIGH_BITS & before;
+            return Some(pos + index as usize);
         }
         *high_bits |= word & HIGH_BITS;
         pos += 8;
     }
-    pos
+    let tail = input.get(pos..)?;
+    for (offset, &byte) in tail.iter().enumerate() {
+        if stops_string(byte) {
+            return Some(pos + offset);
+        }
+        *high_bits |= u64::from(byte & 0x80);
+    }
+    None
 }
 
 /// A position in a complete JSON text.
@@ -74,9 +81,7 @@ impl<'a> Reader<'a> {
     /// Reads an object, calling `member` for each member as `whole_object` does.
     pub(crate) fn object(&mut self, mut member: impl FnMut(&mut Self, &'a [u8]) -> Option<()>) -> Option<()> {
         self.sequence(b'{', b'}', |reader| {
-            let name = reader.name()?;
-            reader.skip_space();
-            reader.expect(b':')?;
+            let name = reader.member_name_and_colon()?;
             reader.skip_space();
             member(reader, name)
         })
@@ -198,6 +203,14 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// A member's name and the colon after it; the name.
+    fn member_name_and_colon(&mut self) -> Option<&'a [u8]> {
+        let name = self.name()?;
+        self.skip_space();
+        self.expect(b':')?;
+        Some(name)
+    }
+
     /// A member name: a string without escapes (serde compares names after unescaping them).
     fn name(&mut self) -> Option<&'a [u8]> {
         let (raw, ascii) = self.string(false)?;
@@ -224,19 +237,12 @@ impl<'a> Reader<'a> {
         self.expect(b'"')?;
         let start = self.pos;
         let mut high_bits = 0;
-        let mut ascii = true;
         loop {
-            self.pos = skip_plain_words(self.input, self.pos, &mut high_bits);
-            ascii &= high_bits == 0;
-            let at = self.pos
-                + self.input[self.pos..]
-                    .iter()
-                    .position(|&b| STRING_STOP[usize::from(b)])?;
+            let at = next_string_stop(self.input, self.pos, &mut high_bits)?;
             self.pos = at + 1;
             match self.input[at] {
-                b'"' => return Some((&self.input[start..at], ascii)),
+                b'"' => return Some((&self.input[start..at], high_bits == 0)),
                 b'\\' if escapes => self.escape()?,
-                byte if byte >= 0x80 => ascii = false,
                 _ => return None,
             }
         }
@@ -348,21 +354,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn word_skipping_stops_exactly_at_words_holding_a_quote_backslash_or_control_byte() {
-        for byte in 0..=255u8 {
-            for at in 0..8 {
-                let mut text = [b'a'; 16];
-                text[at] = byte;
-                let mut high_bits = 0;
-                let end = skip_plain_words(&text, 0, &mut high_bits);
-                let stops = byte < 0x20 || byte == b'"' || byte == b'\\';
-                assert_eq!(end, if stops { 0 } else { 16 }, "byte {byte:#04x} at {at}");
-                assert_eq!(high_bits != 0, !stops && byte >= 0x80, "byte {byte:#04x} at {at}");
+    fn a_string_scan_stops_exactly_at_the_first_quote_backslash_or_control_byte() {
+        // Every byte value at every position of the first word, and of the byte-wise tail.
+        for len in [16, 5] {
+            for byte in 0..=255u8 {
+                for at in 0..len.min(8) {
+                    let mut text = vec![b'a'; len];
+                    text[at] = byte;
+                    let mut high_bits = 0;
+                    let stop = next_string_stop(&text, 0, &mut high_bits);
+                    let stops = byte < 0x20 || byte == b'"' || byte == b'\\';
+                    assert_eq!(stop, stops.then_some(at), "byte {byte:#04x} at {at} of {len}");
+                    assert_eq!(
+                        high_bits != 0,
+                        !stops && byte >= 0x80,
+                        "byte {byte:#04x} at {at} of {len}"
+                    );
+                }
             }
         }
-        // A short tail is left to the byte-wise scan.
-        assert_eq!(skip_plain_words(b"abcdefghij", 0, &mut 0), 8);
-        assert_eq!(skip_plain_words(b"abcdefghij", 5, &mut 0), 5);
+        // The first of several stops, and non-ASCII bytes after it are not looked at.
+        let mut high_bits = 0;
+        assert_eq!(
+            next_string_stop(b"ab\\c\"\xc3\xa9fgh", 0, &mut high_bits),
+            Some(2)
+        );
+        assert_eq!(high_bits, 0);
+        // Non-ASCII bytes in whole words before the stop are.
+        let mut high_bits = 0;
+        assert_eq!(
+            next_string_stop("abcdefgé\"xyz1234".as_bytes(), 0, &mut high_bits),
+            Some(9)
+        );
+        assert_ne!(high_bits, 0);
+        assert_eq!(next_string_stop(b"abcdefghij", 0, &mut 0), None);
+        assert_eq!(next_string_stop(b"abcdefghij\"", 3, &mut 0), Some(10));
     }
 
     /// Skips a whole text that is one object.

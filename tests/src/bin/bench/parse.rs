@@ -239,5 +239,55 @@ pub fn run(megabytes: u32) -> anyhow::Result<()> {
         "\nSSE scanning, slowest stream: {sse_worst:.0} MB/s (target ≥ 500 MB/s: {})",
         if sse_worst >= 500.0 { "met" } else { "NOT met" }
     );
+    whole_bodies()
+}
+
+/// A non-streamed chat completion as OpenAI sends it (the bench proxy provider's body).
+const CHAT_COMPLETION: &str = r#"{"choices":[{"finish_reason":"stop","index":0,"logprobs":null,"message":{"annotations":[],"content":"Hello from the simulated provider.","refusal":null,"role":"assistant"}}],"created":1732400000,"id":"chatcmpl-sim1","model":"gpt-4o-mini-2024-07-18","object":"chat.completion","service_tier":"default","system_fingerprint":"fp_sim","usage":{"completion_tokens":9,"completion_tokens_details":{"accepted_prediction_tokens":0,"audio_tokens":0,"reasoning_tokens":0,"rejected_prediction_tokens":0},"prompt_tokens":120,"prompt_tokens_details":{"audio_tokens":0,"cached_tokens":0},"total_tokens":129}}"#;
+
+/// Accounting of one whole body that came in one chunk (a non-streamed response, the common case
+/// on the proxy path): time per body against serde_json checking the same bytes (`IgnoredAny`, the
+/// least a validating parse does), in the same run.
+fn whole_bodies() -> anyhow::Result<()> {
+    const BODIES: u32 = 100_000;
+    let workload = Workload {
+        name: "openai chat completion (JSON, one chunk)",
+        adapter: Adapter::Openai,
+        path: "/v1/chat/completions",
+        query: "",
+        content_type: "application/json",
+        chunks: vec![CHAT_COMPLETION.as_bytes().to_vec()],
+    };
+    let body = CHAT_COMPLETION.as_bytes();
+    anyhow::ensure!(
+        account(&workload, &[body]),
+        "{}: no usage extracted",
+        workload.name
+    );
+    let baseline = best(5, || {
+        for _ in 0..BODIES {
+            let checked = serde_json::from_slice::<serde::de::IgnoredAny>(black_box(body));
+            black_box(checked.is_ok());
+        }
+    });
+    let full = best(5, || {
+        for _ in 0..BODIES {
+            black_box(account(&workload, &[black_box(body)]));
+        }
+    });
+    let per_body = |elapsed: Duration| elapsed.as_nanos() as f64 / f64::from(BODIES);
+    println!(
+        "\nOne whole body per response, {BODIES} bodies, best of 5 runs; baseline: serde_json checking the same bytes.\n"
+    );
+    println!("| body | bytes | baseline ns/body | full accounting ns/body | accounting / baseline |");
+    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| {} | {} | {:.0} | {:.0} | ×{:.2} |",
+        workload.name,
+        body.len(),
+        per_body(baseline),
+        per_body(full),
+        full.as_secs_f64() / baseline.as_secs_f64().max(1e-12),
+    );
     Ok(())
 }
