@@ -273,34 +273,10 @@ impl AuditEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{KernelFacts, ProcessDetails};
-    use crate::kubernetes::{PodRef, Workload, WorkloadSource};
+    use crate::kubernetes::{Workload, WorkloadSource};
 
     fn conn(comm: &str) -> Arc<ConnInfo> {
-        Arc::new(ConnInfo {
-            facts: KernelFacts {
-                original_dst: "203.0.113.10:443".parse().expect("addr"),
-                tgid: 42,
-                pid: 42,
-                uid: 1000,
-                gid: 1000,
-                cgroup_id: 7,
-                netns_cookie: 1,
-                socket_cookie: 1,
-                comm: comm.into(),
-            },
-            details: Arc::new(ProcessDetails {
-                cgroup: Some("/kubepods.slice/x \"quoted\"".into()),
-                ..ProcessDetails::default()
-            }),
-            pod: PodRef::NotAPod,
-            pods: None,
-            sni: "api.openai.com".into(),
-            provider: "openai".into(),
-            adapter: interceptor_protocols::Adapter::Openai,
-            content_limit: None,
-            metric_handles: Default::default(),
-        })
+        crate::proxy::exchange::test_conn(comm, "/kubepods.slice/x \"quoted\"")
     }
 
     fn entry(conn: &Arc<ConnInfo>, pod: Option<Arc<PodIdentity>>, path: &str) -> AuditEntry {

@@ -236,3 +236,144 @@ impl<B> Drop for Accounted<B> {
         self.finish(false);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    use http::header::{CONTENT_TYPE, HeaderValue};
+    use http_body_util::Full;
+    use interceptor_protocols::{Adapter, Limits, classify};
+    use prometheus::Registry;
+
+    use super::*;
+    use crate::accounting::{AccountingMetrics, AccountingSettings};
+    use crate::audit::{AuditDestination, AuditMetrics, AuditSettings, AuditWriter};
+    use crate::metric_labels::IdentityLabels;
+    use crate::policy::Policy;
+    use crate::proxy::ProxyMetrics;
+    use crate::proxy::exchange::test_conn;
+
+    /// A non-streamed chat completion: 120 prompt tokens, 9 completion tokens.
+    const CHAT_COMPLETION: &[u8] = br#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":"Hello."},"finish_reason":"stop"}],"usage":{"prompt_tokens":120,"completion_tokens":9,"total_tokens":129}}"#;
+
+    /// An exchange whose record goes to an audit file of its own; the accounted response body of
+    /// `CHAT_COMPLETION`, one chunk, as hyper hands it over.
+    fn exchange_with_audit(name: &str) -> (Accounted<Full<Bytes>>, PathBuf, AuditWriter) {
+        let dir = std::env::temp_dir().join(format!("interceptor-settle-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("audit.log");
+        let registry = Registry::new();
+        let labels = Arc::new(IdentityLabels::new(&[], 10, &registry).expect("labels"));
+        let metrics = AccountingMetrics::register(&registry, labels).expect("metrics");
+        let policy = Policy::builtin().expect("built-in policy");
+        let mut settings = AccountingSettings::from_policy(&policy, metrics).expect("settings");
+        let audit = AuditSettings {
+            destination: AuditDestination::File(path.clone()),
+            max_bytes: 1 << 20,
+            keep: 1,
+            queue: 16,
+        };
+        let (log, writer) =
+            crate::audit::start(&audit, AuditMetrics::register(&registry).expect("audit metrics"))
+                .expect("audit start")
+                .expect("audit on");
+        settings.audit = Some(log);
+        let route = classify(Adapter::Openai, "POST", "/v1/chat/completions", "");
+        let exchange = Exchange::start(
+            test_conn("python3", "/test.slice"),
+            ProxyMetrics::register(&registry).expect("proxy metrics"),
+            Arc::new(settings),
+            route.clone(),
+            http::Method::POST,
+            "/v1/chat/completions",
+        );
+        exchange.responded(http::StatusCode::OK);
+        let mut headers = http::HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let accountant = ResponseAccountant::new(Adapter::Openai, &route, 200, &headers, Limits::default());
+        let body = Accounted::new(
+            Full::new(Bytes::from_static(CHAT_COMPLETION)),
+            exchange,
+            accountant,
+            None,
+        );
+        (body, path, writer)
+    }
+
+    /// Polls `body` once, as hyper does, outside any task.
+    fn poll_once(body: &mut Accounted<Full<Bytes>>) -> Option<Bytes> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match Pin::new(body).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(frame))) => frame.into_data().ok(),
+            Poll::Ready(Some(Err(never))) => match never {},
+            Poll::Ready(None) | Poll::Pending => None,
+        }
+    }
+
+    /// The audit lines written so far (waiting up to 5 s for the first).
+    fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
+        for _ in 0..500 {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if !text.is_empty() {
+                return text
+                    .lines()
+                    .map(|line| serde_json::from_str(line).expect("a JSON audit line"))
+                    .collect();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Vec::new()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_complete_body_settles_after_the_client_has_it_with_the_latency_of_its_end() {
+        let (mut body, path, writer) = exchange_with_audit("task");
+        let data = poll_once(&mut body).expect("the whole body in one frame");
+        assert_eq!(&data[..], CHAT_COMPLETION, "bytes pass unchanged");
+        assert!(body.is_end_stream(), "the body says it ended with its last chunk");
+        // The settlement is a task of its own: while this one holds the thread, nothing is recorded.
+        std::thread::sleep(Duration::from_millis(80));
+        drop(body);
+        assert!(
+            std::fs::read_to_string(&path).unwrap_or_default().is_empty(),
+            "recorded before its task ran"
+        );
+        tokio::task::yield_now().await;
+        writer.drain(Duration::from_secs(5)).await;
+        let lines = audit_lines(&path);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let line = &lines[0];
+        assert_eq!(line["tokens"]["input"], 120);
+        assert_eq!(line["tokens"]["output"], 9);
+        assert_eq!(line["usage"], "reported");
+        assert_eq!(line["model"], "gpt-4o-mini-2024-07-18");
+        // Latency runs to the body's end, not to when the deferred record was emitted (80 ms later).
+        let latency = line["latency_ms"].as_f64().expect("latency");
+        assert!(latency < 80.0, "latency {latency} ms includes the deferral");
+        remove_audit_dir(&path);
+    }
+
+    fn remove_audit_dir(path: &Path) {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    #[test]
+    fn without_a_runtime_a_complete_body_settles_at_once() {
+        let (mut body, path, _writer) = exchange_with_audit("inline");
+        let data = poll_once(&mut body).expect("the whole body in one frame");
+        assert_eq!(&data[..], CHAT_COMPLETION);
+        assert!(body.is_end_stream());
+        drop(body);
+        let lines = audit_lines(&path);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["tokens"]["input"], 120);
+        assert_eq!(lines[0]["tokens"]["output"], 9);
+        assert_eq!(lines[0]["usage"], "reported");
+        remove_audit_dir(&path);
+    }
+}

@@ -383,6 +383,35 @@ where
     }
 }
 
+/// A connection of a process outside any pod to `api.openai.com`, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_conn(comm: &str, cgroup: &str) -> Arc<ConnInfo> {
+    Arc::new(ConnInfo {
+        facts: KernelFacts {
+            original_dst: std::net::SocketAddr::from(([203, 0, 113, 10], 443)),
+            tgid: 42,
+            pid: 42,
+            uid: 1000,
+            gid: 1000,
+            cgroup_id: 7,
+            netns_cookie: 1,
+            socket_cookie: 1,
+            comm: comm.into(),
+        },
+        details: Arc::new(ProcessDetails {
+            cgroup: Some(cgroup.into()),
+            ..ProcessDetails::default()
+        }),
+        pod: PodRef::NotAPod,
+        pods: None,
+        sni: "api.openai.com".into(),
+        provider: "openai".into(),
+        adapter: Adapter::Openai,
+        content_limit: None,
+        metric_handles: Default::default(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
