@@ -4,6 +4,7 @@
 pub mod accept;
 pub mod accounted;
 pub mod classify;
+pub mod coalesced;
 pub mod connection;
 pub mod exchange;
 pub mod http;

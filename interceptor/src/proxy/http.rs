@@ -20,6 +20,7 @@ use interceptor_protocols::{Dialect, ResponseAccountant, Usage, classify};
 
 use super::ProxyMetrics;
 use super::accounted::Accounted;
+use super::coalesced::Coalesced;
 use super::exchange::QuotaVerdict;
 use super::exchange::{ConnInfo, Direction, Exchange, Metered, ResponseMeta};
 use super::request_body::{self, BodyDemand, RequestBody};
@@ -32,7 +33,7 @@ use crate::tls::upstream_h1::H1Lease;
 /// Request bodies sent upstream.
 pub type UpstreamBody = Metered<RequestBody>;
 /// Response bodies sent to the client: the provider's, or a local one (errors).
-pub type ClientBody = Either<Accounted<Incoming>, Full<Bytes>>;
+pub type ClientBody = Either<Accounted<Coalesced<Incoming>>, Full<Bytes>>;
 
 /// What the HTTP service of one connection needs.
 pub struct HttpContext {
@@ -247,7 +248,13 @@ async fn handle(mut request: Request<Incoming>, ctx: &HttpContext) -> Response<C
     if stripper.is_some() {
         response.headers_mut().remove(header::CONTENT_LENGTH);
     }
-    response.map(|body| Either::Left(Accounted::new(body, exchange, accountant, stripper)))
+    let (parts, body) = response.into_parts();
+    let mut body = Coalesced::new(body);
+    body.prefetch().await;
+    Response::from_parts(
+        parts,
+        Either::Left(Accounted::new(body, exchange, accountant, stripper)),
+    )
 }
 
 /// Applies the quota rules before forwarding: `Some(response)` when a rule rejects the request (it
