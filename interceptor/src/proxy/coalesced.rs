@@ -499,10 +499,11 @@ mod tests {
         assert!(body.is_end_stream());
     }
 
-    fn ready_body(
-        frames: Vec<Result<Frame<Bytes>, &'static str>>,
-    ) -> Coalesced<StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, &'static str>>>>>
-    {
+    /// A body whose frames are all ready at once.
+    type ReadyFrames = StreamBody<futures::stream::Iter<std::vec::IntoIter<TestFrame>>>;
+    type TestFrame = Result<Frame<Bytes>, &'static str>;
+
+    fn ready_body(frames: Vec<Result<Frame<Bytes>, &'static str>>) -> Coalesced<ReadyFrames> {
         Coalesced::new(StreamBody::new(futures::stream::iter(frames)))
     }
 
@@ -566,10 +567,7 @@ mod tests {
     }
 
     /// A body of known length whose frames are all ready.
-    struct KnownLength(
-        StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, &'static str>>>>,
-        u64,
-    );
+    struct KnownLength(ReadyFrames, u64);
 
     impl Body for KnownLength {
         type Data = Bytes;
