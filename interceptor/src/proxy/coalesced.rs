@@ -16,7 +16,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Wake, Waker, ready};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
@@ -159,59 +159,68 @@ impl<B: Body> Coalesced<B> {
     where
         B: Body<Data = Bytes> + Unpin,
     {
+        // When the round ends, `waiting` stays set with the round over, so the body's first poll
+        // hands over what is held at once.
+        self.poll_gather(cx, true)
+    }
+
+    /// Gathers what the upstream has until a round passes without more (`Ready`: hand over what is
+    /// held, then `after`), the body ends or stops with trailers or an error (kept in `after`), or
+    /// 16 KiB are held. With nothing held, it waits for a round only when `wait_empty`.
+    fn poll_gather(&mut self, cx: &mut Context<'_>, wait_empty: bool) -> Poll<()>
+    where
+        B: Body<Data = Bytes> + Unpin,
+    {
         loop {
             if self.held.len() >= MAX_GATHERED {
                 return Poll::Ready(());
             }
-            match Pin::new(&mut self.inner).poll_frame(cx) {
+            let after = match Pin::new(&mut self.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
                         if !data.is_empty() {
                             self.held.push(data);
                             self.waiting = false;
                         }
-                        if self.inner.is_end_stream() {
-                            self.after = Some(After::End);
-                            return Poll::Ready(());
+                        if !self.inner.is_end_stream() {
+                            continue;
                         }
+                        After::End
                     }
-                    Err(trailers) => {
-                        self.after = Some(After::Trailers(trailers));
-                        return Poll::Ready(());
-                    }
+                    Err(trailers) => After::Trailers(trailers),
                 },
-                Poll::Ready(Some(Err(e))) => {
-                    self.after = Some(After::Error(e));
-                    return Poll::Ready(());
-                }
-                Poll::Ready(None) => {
-                    self.after = Some(After::End);
-                    return Poll::Ready(());
-                }
+                Poll::Ready(Some(Err(e))) => After::Error(e),
+                Poll::Ready(None) => After::End,
                 Poll::Pending => {
+                    if self.held.len() == 0 && !wait_empty {
+                        return Poll::Pending;
+                    }
                     if !self.waiting {
+                        // One round for the upstream task to decode what it has already read.
                         self.waiting = true;
                         Round::wait(&mut self.round, cx);
                         return Poll::Pending;
                     }
-                    match self.round.as_ref() {
+                    return match self.round.as_ref() {
+                        // Polled again within the round (hyper re-checks a pending body at once):
+                        // the deferred wake-up is still due.
                         Some(round) if !round.ended() => {
                             round.task.register(cx.waker());
-                            return Poll::Pending;
+                            Poll::Pending
                         }
-                        // The round ended: what is held goes with the head (`waiting` stays set,
-                        // with the round over, so the first poll of the body hands it over).
-                        _ => return Poll::Ready(()),
-                    }
+                        // The upstream had its turn and brought nothing more.
+                        _ => Poll::Ready(()),
+                    };
                 }
-            }
+            };
+            self.after = Some(after);
+            return Poll::Ready(());
         }
     }
 
     /// Hands the held data over; `after` (if any) is returned on the next poll.
-    fn hand_over(&mut self, after: Option<After<B::Error>>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn hand_over(&mut self) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         self.waiting = false;
-        self.after = after;
         match self.held.take() {
             Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
             None => self.next_after(),
@@ -248,57 +257,10 @@ where
         if !this.gathers {
             return Pin::new(&mut this.inner).poll_frame(cx);
         }
-        if this.after.is_some() {
-            if this.held.len() > 0 {
-                // Prefetched data and what ended it.
-                let after = this.after.take();
-                return this.hand_over(after);
-            }
-            return this.next_after();
+        if this.after.is_none() {
+            ready!(this.poll_gather(cx, false));
         }
-        loop {
-            if this.held.len() >= MAX_GATHERED {
-                return this.hand_over(None);
-            }
-            match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => {
-                        if !data.is_empty() {
-                            this.held.push(data);
-                            this.waiting = false;
-                        }
-                        if this.inner.is_end_stream() {
-                            return this.hand_over(Some(After::End));
-                        }
-                    }
-                    Err(trailers) => return this.hand_over(Some(After::Trailers(trailers))),
-                },
-                Poll::Ready(Some(Err(e))) => return this.hand_over(Some(After::Error(e))),
-                Poll::Ready(None) => return this.hand_over(Some(After::End)),
-                Poll::Pending => {
-                    if this.held.len() == 0 {
-                        return Poll::Pending;
-                    }
-                    if !this.waiting {
-                        // One round for the upstream task to decode what it has already read.
-                        this.waiting = true;
-                        Round::wait(&mut this.round, cx);
-                        return Poll::Pending;
-                    }
-                    let Some(round) = this.round.as_ref() else {
-                        return this.hand_over(None);
-                    };
-                    if round.ended() {
-                        // The upstream had its turn and brought nothing more.
-                        return this.hand_over(None);
-                    }
-                    // Polled again within the round (hyper re-checks a pending body at once): the
-                    // deferred wake-up is still due.
-                    round.task.register(cx.waker());
-                    return Poll::Pending;
-                }
-            }
-        }
+        this.hand_over()
     }
 
     fn is_end_stream(&self) -> bool {
