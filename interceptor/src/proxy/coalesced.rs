@@ -151,17 +151,10 @@ impl<B: Body> Coalesced<B> {
         B: Body<Data = Bytes> + Unpin,
     {
         if self.gathers {
-            std::future::poll_fn(|cx| self.poll_prefetch(cx)).await;
+            // When the round ends, `waiting` stays set with the round over, so the body's first
+            // poll hands over what is held at once.
+            std::future::poll_fn(|cx| self.poll_gather(cx, true)).await;
         }
-    }
-
-    fn poll_prefetch(&mut self, cx: &mut Context<'_>) -> Poll<()>
-    where
-        B: Body<Data = Bytes> + Unpin,
-    {
-        // When the round ends, `waiting` stays set with the round over, so the body's first poll
-        // hands over what is held at once.
-        self.poll_gather(cx, true)
     }
 
     /// Gathers what the upstream has until a round passes without more (`Ready`: hand over what is
@@ -302,6 +295,23 @@ mod tests {
         format!("{:x}\r\n{data}\r\n", data.len()).into_bytes()
     }
 
+    /// A chunk and the end of the chunked body.
+    fn last_chunk(data: &str) -> Vec<u8> {
+        let mut bytes = chunk(data);
+        bytes.extend_from_slice(b"0\r\n\r\n");
+        bytes
+    }
+
+    /// A whole response in one write: the head, one chunk per event, the end.
+    fn burst(events: &[&str]) -> Vec<u8> {
+        let mut bytes = HEAD.to_vec();
+        for event in events {
+            bytes.extend(chunk(event));
+        }
+        bytes.extend_from_slice(b"0\r\n\r\n");
+        bytes
+    }
+
     /// An upstream that answers one request with the byte runs it gets from `writes`, each in one
     /// write, then closes.
     async fn upstream(mut writes: mpsc::Receiver<Vec<u8>>) -> std::net::SocketAddr {
@@ -335,6 +345,22 @@ mod tests {
         Coalesced::new(response.into_body())
     }
 
+    /// A response whose first write is `first`, its body as the proxy gets it, and the writer of
+    /// the rest.
+    async fn streamed(first: Vec<u8>) -> (mpsc::Sender<Vec<u8>>, Coalesced<Incoming>) {
+        let (writes, rx) = mpsc::channel(4);
+        let addr = upstream(rx).await;
+        writes.send(first).await.expect("send");
+        (writes, response_body(addr).await)
+    }
+
+    /// The head and one chunk, in one write.
+    fn head_and(data: &str) -> Vec<u8> {
+        let mut bytes = HEAD.to_vec();
+        bytes.extend(chunk(data));
+        bytes
+    }
+
     async fn next_data(body: &mut Coalesced<Incoming>) -> Option<Bytes> {
         let frame = body.frame().await?.expect("frame");
         Some(frame.into_data().expect("data"))
@@ -342,20 +368,12 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn chunks_read_together_reach_the_client_as_one_frame_with_the_end() {
-        let (writes, rx) = mpsc::channel(4);
-        let addr = upstream(rx).await;
         let events = [
             "data: {\"finish\":1}\n\n",
             "data: {\"usage\":2}\n\n",
             "data: [DONE]\n\n",
         ];
-        let mut burst = HEAD.to_vec();
-        for event in events {
-            burst.extend(chunk(event));
-        }
-        burst.extend_from_slice(b"0\r\n\r\n");
-        writes.send(burst).await.expect("send");
-        let mut body = response_body(addr).await;
+        let (_writes, mut body) = streamed(burst(&events)).await;
         let data = next_data(&mut body).await.expect("data");
         assert_eq!(
             data,
@@ -368,15 +386,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_second_poll_within_the_same_round_does_not_hand_over_early() {
-        let (writes, rx) = mpsc::channel(4);
-        let addr = upstream(rx).await;
-        let mut burst = HEAD.to_vec();
-        for event in ["data: a\n\n", "data: b\n\n", "data: c\n\n"] {
-            burst.extend(chunk(event));
-        }
-        burst.extend_from_slice(b"0\r\n\r\n");
-        writes.send(burst).await.expect("send");
-        let mut body = response_body(addr).await;
+        let (_writes, mut body) = streamed(burst(&["data: a\n\n", "data: b\n\n", "data: c\n\n"])).await;
         // hyper's server polls a pending body twice in one turn (once more after flushing).
         let frame = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
             Poll::Pending => Pin::new(&mut body).poll_frame(cx),
@@ -390,12 +400,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_chunk_that_arrives_alone_is_handed_over_without_waiting_for_the_next() {
-        let (writes, rx) = mpsc::channel(4);
-        let addr = upstream(rx).await;
-        let mut first = HEAD.to_vec();
-        first.extend(chunk("data: one\n\n"));
-        writes.send(first).await.expect("send");
-        let mut body = response_body(addr).await;
+        let (writes, mut body) = streamed(head_and("data: one\n\n")).await;
         // The second chunk is sent only once the first was handed over: holding the first would
         // never finish.
         let data = tokio::time::timeout(Duration::from_secs(5), next_data(&mut body))
@@ -404,9 +409,7 @@ mod tests {
             .expect("data");
         assert_eq!(&data[..], b"data: one\n\n");
         assert!(!body.is_end_stream());
-        let mut second = chunk("data: two\n\n");
-        second.extend_from_slice(b"0\r\n\r\n");
-        writes.send(second).await.expect("send");
+        writes.send(last_chunk("data: two\n\n")).await.expect("send");
         let data = next_data(&mut body).await.expect("data");
         assert_eq!(&data[..], b"data: two\n\n");
         assert!(body.is_end_stream());
@@ -422,21 +425,14 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_prefetched_first_chunk_is_ready_for_the_head_to_go_with_it() {
-        let (writes, rx) = mpsc::channel(4);
-        let addr = upstream(rx).await;
-        let mut first = HEAD.to_vec();
-        first.extend(chunk("data: first\n\n"));
-        writes.send(first).await.expect("send");
-        let mut body = response_body(addr).await;
+        let (writes, mut body) = streamed(head_and("data: first\n\n")).await;
         body.prefetch().await;
         assert_eq!(
             poll_now(&mut body),
             Poll::Ready(Some(Bytes::from_static(b"data: first\n\n")))
         );
         // The rest streams as before.
-        let mut rest = chunk("data: second\n\n");
-        rest.extend_from_slice(b"0\r\n\r\n");
-        writes.send(rest).await.expect("send");
+        writes.send(last_chunk("data: second\n\n")).await.expect("send");
         assert_eq!(
             &next_data(&mut body).await.expect("data")[..],
             b"data: second\n\n"
@@ -446,17 +442,12 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn prefetching_a_body_not_yet_sent_waits_one_round_only() {
-        let (writes, rx) = mpsc::channel(4);
-        let addr = upstream(rx).await;
-        writes.send(HEAD.to_vec()).await.expect("send");
-        let mut body = response_body(addr).await;
+        let (writes, mut body) = streamed(HEAD.to_vec()).await;
         tokio::time::timeout(Duration::from_secs(5), body.prefetch())
             .await
             .expect("prefetch does not wait for the body");
         assert_eq!(poll_now(&mut body), Poll::Pending);
-        let mut rest = chunk("data: late\n\n");
-        rest.extend_from_slice(b"0\r\n\r\n");
-        writes.send(rest).await.expect("send");
+        writes.send(last_chunk("data: late\n\n")).await.expect("send");
         assert_eq!(&next_data(&mut body).await.expect("data")[..], b"data: late\n\n");
         assert!(body.is_end_stream());
     }
@@ -465,7 +456,7 @@ mod tests {
     type ReadyFrames = StreamBody<futures::stream::Iter<std::vec::IntoIter<TestFrame>>>;
     type TestFrame = Result<Frame<Bytes>, &'static str>;
 
-    fn ready_body(frames: Vec<Result<Frame<Bytes>, &'static str>>) -> Coalesced<ReadyFrames> {
+    fn ready_body(frames: Vec<TestFrame>) -> Coalesced<ReadyFrames> {
         Coalesced::new(StreamBody::new(futures::stream::iter(frames)))
     }
 
@@ -484,7 +475,7 @@ mod tests {
         out
     }
 
-    fn data(text: &'static str) -> Result<Frame<Bytes>, &'static str> {
+    fn data(text: &'static str) -> TestFrame {
         Ok(Frame::data(Bytes::from_static(text.as_bytes())))
     }
 
@@ -506,7 +497,7 @@ mod tests {
         assert!(out[1].as_ref().expect("trailers").is_trailers());
 
         let out = frames(ready_body(vec![data("a"), data("b"), Err("reset"), data("c")])).await;
-        assert_eq!(out.len(), 2, "joined data, then the error: {:?}", out.len());
+        assert_eq!(out.len(), 2, "joined data, then the error");
         assert_eq!(
             out[0].as_ref().expect("data").data_ref().expect("data"),
             &Bytes::from_static(b"ab")
@@ -516,9 +507,11 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn gathering_stops_at_a_tls_record_of_data() {
-        let piece = "x".repeat(1000);
-        let piece: &'static str = Box::leak(piece.into_boxed_str());
-        let out = frames(ready_body((0..40).map(|_| data(piece)).collect())).await;
+        let piece = Bytes::from(vec![b'x'; 1000]);
+        let out = frames(ready_body(
+            (0..40).map(|_| Ok(Frame::data(piece.clone()))).collect(),
+        ))
+        .await;
         let sizes: Vec<usize> = out
             .iter()
             .map(|frame| frame.as_ref().expect("data").data_ref().expect("data").len())
