@@ -1,11 +1,14 @@
 //! Undoes the interceptor's `stream_options.include_usage` injection on the way back, so the client
 //! sees exactly the stream it asked for: the extra usage-only chunk (`"choices":[]`) is dropped and
 //! the `"usage":null` member OpenAI adds to every other chunk is removed. Everything else passes
-//! byte for byte. Events are held only until their blank line; an event larger than the limit
-//! turns the filter off for the rest of the stream (it then passes bytes unchanged).
+//! byte for byte. OpenAI's chunks end with that member and name `usage` nowhere else: those are
+//! rewritten without reading their members; all others get a read of their top-level members.
+//! Events are held only until their blank line; an event larger than the limit turns the filter off
+//! for the rest of the stream (it then passes bytes unchanged).
 
 use memchr::memchr2;
 
+use crate::needle::{Needle, needle};
 use crate::top_level::{container_end, string_end};
 
 /// The filter's state across chunks.
@@ -16,6 +19,8 @@ pub struct UsageChunkStripper {
     scan: usize,
     /// Start of the current line in `pending`.
     line_start: usize,
+    /// The `data:` lines of the event being read.
+    data_lines: DataLines,
     max_event_bytes: usize,
     disabled: bool,
     dropped_chunks: u32,
@@ -27,6 +32,7 @@ impl UsageChunkStripper {
             pending: Vec::new(),
             scan: 0,
             line_start: 0,
+            data_lines: DataLines::default(),
             max_event_bytes,
             disabled: false,
             dropped_chunks: 0,
@@ -42,6 +48,7 @@ impl UsageChunkStripper {
         let mut cursor = Cursor {
             scan: self.scan,
             line_start: self.line_start,
+            data_lines: self.data_lines,
             dropped: &mut self.dropped_chunks,
         };
         let consumed = if self.pending.is_empty() {
@@ -56,6 +63,7 @@ impl UsageChunkStripper {
             consumed
         };
         (self.scan, self.line_start) = (cursor.scan - consumed, cursor.line_start - consumed);
+        self.data_lines = cursor.data_lines;
         if self.pending.len() > self.max_event_bytes {
             out.append(&mut self.pending);
             self.disabled = true;
@@ -67,6 +75,7 @@ impl UsageChunkStripper {
         out.append(&mut self.pending);
         self.scan = 0;
         self.line_start = 0;
+        self.data_lines = DataLines::default();
     }
 
     /// How many usage-only chunks were removed.
@@ -75,12 +84,22 @@ impl UsageChunkStripper {
     }
 }
 
+/// The `data:` lines of an event, noted while its lines are found (offsets from the event's start,
+/// which stay valid while the event waits for more bytes).
+#[derive(Clone, Copy, Debug, Default)]
+struct DataLines {
+    count: u32,
+    /// The first one, without its line end.
+    first: (usize, usize),
+}
+
 /// Where line scanning stands in the bytes being filtered.
 struct Cursor<'a> {
     /// Where scanning for the next line end resumes.
     scan: usize,
     /// Start of the current line.
     line_start: usize,
+    data_lines: DataLines,
     dropped: &'a mut u32,
 }
 
@@ -97,10 +116,17 @@ impl Cursor<'_> {
                 _ => 1,
             };
             let blank = end == self.line_start;
+            if !blank && buffer[self.line_start..end].starts_with(b"data:") {
+                if self.data_lines.count == 0 {
+                    self.data_lines.first = (self.line_start - event_start, end - event_start);
+                }
+                self.data_lines.count += 1;
+            }
             self.scan = end + terminator;
             self.line_start = self.scan;
             if blank {
-                filter_event(&buffer[event_start..self.scan], out, self.dropped);
+                let data_lines = std::mem::take(&mut self.data_lines);
+                filter_event(&buffer[event_start..self.scan], data_lines, out, self.dropped);
                 event_start = self.scan;
             }
         }
@@ -108,15 +134,26 @@ impl Cursor<'_> {
     }
 }
 
-fn filter_event(event: &[u8], out: &mut Vec<u8>, dropped: &mut u32) {
-    let mut data_lines = event
-        .split(|&b| b == b'\n' || b == b'\r')
-        .filter(|line| line.starts_with(b"data:"));
-    let (Some(line), None) = (data_lines.next(), data_lines.next()) else {
+/// The member OpenAI appends last to every chunk of a stream that asked for usage.
+const TRAILING_USAGE_NULL: &[u8] = br#","usage":null}"#;
+static USAGE_NAME: Needle = needle!(b"\"usage\"");
+
+fn filter_event(event: &[u8], data_lines: DataLines, out: &mut Vec<u8>, dropped: &mut u32) {
+    if data_lines.count != 1 {
         out.extend_from_slice(event);
         return;
-    };
-    let json = line[5..].strip_prefix(b" ").unwrap_or(&line[5..]);
+    }
+    let line = &event[data_lines.first.0 + 5..data_lines.first.1];
+    let json = line.strip_prefix(b" ").unwrap_or(line);
+    // Offsets of the JSON inside the event, to splice the rewrite in place.
+    let json_start = json.as_ptr() as usize - event.as_ptr() as usize;
+    let json_end = json_start + json.len();
+    if let Some(kept) = before_trailing_usage_null(json) {
+        out.extend_from_slice(&event[..json_start + kept.len()]);
+        out.push(b'}');
+        out.extend_from_slice(&event[json_end..]);
+        return;
+    }
     let Some(members) = Members::of(json) else {
         out.extend_from_slice(event);
         return;
@@ -128,15 +165,47 @@ fn filter_event(event: &[u8], out: &mut Vec<u8>, dropped: &mut u32) {
     }
     match members.usage_null {
         Some((start, end)) => {
-            // Offsets of the JSON inside the event, to splice the rewrite in place.
-            let json_start = json.as_ptr() as usize - event.as_ptr() as usize;
-            let json_end = json_start + json.len();
             out.extend_from_slice(&event[..json_start]);
             splice_out(json, start, end, out);
             out.extend_from_slice(&event[json_end..]);
         }
         None => out.extend_from_slice(event),
     }
+}
+
+/// OpenAI's chunks, without reading their members: `"usage":null` is the last member and `"usage"`
+/// appears nowhere else, so in an object it is the top-level member the full read would remove.
+/// Returns the JSON before it (without its comma and the closing brace).
+fn before_trailing_usage_null(json: &[u8]) -> Option<&[u8]> {
+    json.strip_suffix(TRAILING_USAGE_NULL)
+        .filter(|kept| kept.starts_with(b"{") && !USAGE_NAME.found_in(kept))
+}
+
+/// Whether the shortcut for OpenAI's chunks rewrites `json` as the full read of its members does.
+/// They differ only on malformed JSON (the full read passes what it finds malformed unchanged, and
+/// does not read past the end of the first object, while the shortcut still removes the trailing
+/// member). For the fuzz target and the tests.
+#[doc(hidden)]
+pub fn shortcut_agrees_with_full_read(json: &[u8]) -> bool {
+    let Some(kept) = before_trailing_usage_null(json) else {
+        return true;
+    };
+    let Some((members, object_end)) = Members::read(json) else {
+        return true;
+    };
+    if object_end != json.len() {
+        // Something after the object: not one JSON value.
+        return true;
+    }
+    let Some((start, end)) = members
+        .usage_null
+        .filter(|_| !(members.empty_choices && members.usage_object))
+    else {
+        return false;
+    };
+    let mut full = Vec::new();
+    splice_out(json, start, end, &mut full);
+    full.strip_suffix(b"}") == Some(kept)
 }
 
 /// What the filter needs of a chunk's top-level members, read in one pass that skips strings and
@@ -155,6 +224,11 @@ impl Members {
     /// The members of `json`, or `None` when it is not a well-formed object at the top level (the
     /// event then passes unchanged). Names are compared as sent (no escapes decoded).
     fn of(json: &[u8]) -> Option<Self> {
+        Self::read(json).map(|(members, _)| members)
+    }
+
+    /// [`Members::of`], and where the object ends (what follows it is not read).
+    fn read(json: &[u8]) -> Option<(Self, usize)> {
         let mut found = Self::default();
         let mut at = skip_ws(json, 0);
         if json.get(at) != Some(&b'{') {
@@ -162,7 +236,7 @@ impl Members {
         }
         at = skip_ws(json, at + 1);
         if json.get(at) == Some(&b'}') {
-            return Some(found);
+            return Some((found, at + 1));
         }
         loop {
             if json.get(at) != Some(&b'"') {
@@ -191,7 +265,7 @@ impl Members {
             at = skip_ws(json, value_end);
             match json.get(at) {
                 Some(b',') => at = skip_ws(json, at + 1),
-                Some(b'}') => return Some(found),
+                Some(b'}') => return Some((found, at + 1)),
                 _ => return None,
             }
         }
@@ -275,11 +349,75 @@ data: [DONE]\n\n";
     }
 
     #[test]
+    fn the_shortcut_for_openai_chunks_rewrites_as_the_full_read() {
+        let chunks: [&[u8]; 4] = [
+            br#"{"id":"c","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}],"usage":null}"#,
+            br#"{"a":[1,{"b":"}"}],"c":"\","usage":null}"#,
+            br#"{ "a" : 1 ,"usage":null}"#,
+            br#"{"choices":[],"x":{"y":null},"usage":null}"#,
+        ];
+        for json in chunks {
+            assert!(
+                before_trailing_usage_null(json).is_some(),
+                "{}",
+                String::from_utf8_lossy(json)
+            );
+            assert!(
+                shortcut_agrees_with_full_read(json),
+                "{}",
+                String::from_utf8_lossy(json)
+            );
+        }
+        // Alone, or named elsewhere too (nested, in a string, or twice): the full read decides.
+        for json in [
+            br#"{"usage":null}"#.as_slice(),
+            br#"{"x":{"usage":null},"usage":null}"#,
+            br#"{"s":""usage"","usage":null}"#,
+            br#"{"choices":[],"usage":{"total_tokens":1},"usage":null}"#,
+            br#"{"usage":null,"usage":null}"#,
+        ] {
+            assert_eq!(
+                before_trailing_usage_null(json),
+                None,
+                "{}",
+                String::from_utf8_lossy(json)
+            );
+        }
+        // Where they differ: malformed JSON, which the full read passes unchanged.
+        let malformed = br#"{"a" 1,"usage":null}"#;
+        assert_eq!(Members::of(malformed), None);
+        assert!(shortcut_agrees_with_full_read(malformed));
+        assert_eq!(
+            run(&[b"data: {\"a\" 1,\"usage\":null}\n\n"]),
+            b"data: {\"a\" 1}\n\n"
+        );
+        // Duplicates go the full way: the first `usage: null` is removed, as before.
+        assert_eq!(
+            run(&[b"data: {\"usage\":null,\"id\":1,\"usage\":null}\n\n"]),
+            b"data: {\"id\":1,\"usage\":null}\n\n"
+        );
+    }
+
+    #[test]
     fn crlf_streams_and_first_member_removal() {
         let stream = b"data: {\"usage\": null, \"id\":\"x\"}\r\n\r\n";
         assert_eq!(run(&[stream]), b"data: {\"id\":\"x\"}\r\n\r\n");
         let stream = b"data: {\"id\":\"x\",\"usage\":{\"a\":null}}\r\n\r\n: comment\r\n\r\n";
         assert_eq!(run(&[stream]), stream);
+        // Data on two lines is not one chunk's JSON: passed unchanged, split anywhere.
+        let stream = b"id: 1\ndata: {\"id\":\"x\",\ndata: \"usage\":null}\n\n";
+        for at in 0..=stream.len() {
+            assert_eq!(run(&[&stream[..at], &stream[at..]]), stream, "split at {at}");
+        }
+        // The data line is found after other fields, across chunks too.
+        let stream = b"event: chunk\nid: 7\ndata: {\"id\":\"x\",\"usage\":null}\n\n";
+        for at in 0..=stream.len() {
+            assert_eq!(
+                run(&[&stream[..at], &stream[at..]]),
+                b"event: chunk\nid: 7\ndata: {\"id\":\"x\"}\n\n",
+                "split at {at}"
+            );
+        }
     }
 
     #[test]

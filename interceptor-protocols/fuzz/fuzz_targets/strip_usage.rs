@@ -1,7 +1,8 @@
-//! The usage-chunk stripper: split invariance, and a stream without usage passes unchanged.
+//! The usage-chunk stripper: split invariance, a stream without usage passes unchanged, and the
+//! shortcut for OpenAI's chunks rewrites them as the full read of their members does.
 #![no_main]
 
-use interceptor_protocols::strip::UsageChunkStripper;
+use interceptor_protocols::strip::{UsageChunkStripper, shortcut_agrees_with_full_read};
 use libfuzzer_sys::fuzz_target;
 
 fn strip(chunks: &[&[u8]]) -> Vec<u8> {
@@ -19,6 +20,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let at = usize::from(at).min(body.len());
+    assert!(shortcut_agrees_with_full_read(body));
+    // Most inputs do not end as OpenAI's chunks do: give them that ending too.
+    let mut chunk = body.to_vec();
+    chunk.extend_from_slice(br#","usage":null}"#);
+    assert!(shortcut_agrees_with_full_read(&chunk));
     let whole = strip(&[body]);
     if body.len() < 512 {
         // Under the limit the filter never turns itself off, so chunking cannot matter.

@@ -5,9 +5,11 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use http::{HeaderMap, HeaderValue};
 use interceptor_protocols::eventstream::encode_message;
 use interceptor_protocols::sse::SseParser;
+use interceptor_protocols::strip::UsageChunkStripper;
 use interceptor_protocols::{Adapter, Limits, ResponseAccountant, classify};
 
 /// A large response body and how a client would receive it.
@@ -239,7 +241,66 @@ pub fn run(megabytes: u32) -> anyhow::Result<()> {
         "\nSSE scanning, slowest stream: {sse_worst:.0} MB/s (target ≥ 500 MB/s: {})",
         if sse_worst >= 500.0 { "met" } else { "NOT met" }
     );
+    usage_chunk_stripper(target)?;
     whole_bodies()
+}
+
+/// The usage-chunk stripper (a stream whose `include_usage` the interceptor injected, shown to the
+/// client without it), against the same memchr baseline.
+fn usage_chunk_stripper(target: usize) -> anyhow::Result<()> {
+    let workload = workloads(target)
+        .into_iter()
+        .next()
+        .context("the OpenAI chat workload")?;
+    let joined = workload.joined();
+    let network: Vec<&[u8]> = joined.chunks(16 * 1024).collect();
+    let events: Vec<&[u8]> = workload.chunks.iter().map(Vec::as_slice).collect();
+    let strip = |chunks: &[&[u8]]| {
+        let mut stripper = UsageChunkStripper::new(Limits::default().max_event_bytes);
+        let mut out = Vec::with_capacity(32 * 1024);
+        let mut kept = 0;
+        for chunk in chunks {
+            out.clear();
+            stripper.push(chunk, &mut out);
+            kept += out.len();
+        }
+        out.clear();
+        stripper.finish(&mut out);
+        (kept + out.len(), stripper.dropped_chunks())
+    };
+    let (kept, dropped) = strip(&network);
+    let removed = joined.len() - kept;
+    let expected = (events.len() - 2) * r#","usage":null"#.len() + events[events.len() - 2].len();
+    anyhow::ensure!(
+        dropped == 1 && removed == expected,
+        "stripper: removed {removed} bytes and {dropped} chunks, expected {expected} bytes and the usage chunk"
+    );
+    let baseline = best(5, || {
+        let lines: usize = network
+            .iter()
+            .map(|c| memchr::memchr_iter(b'\n', c).count())
+            .sum();
+        black_box(lines);
+    });
+    let whole = best(5, || {
+        black_box(strip(&network));
+    });
+    let per_event = best(5, || {
+        black_box(strip(&events));
+    });
+    println!(
+        "\nUsage-chunk stripper (an `include_usage` the interceptor injected, removed again), same baseline.\n"
+    );
+    println!("| stream | baseline MB/s | stripper MB/s | stripper / baseline | per event (ns) |");
+    println!("|---|---:|---:|---:|---:|");
+    let (baseline_rate, rate) = (mb_per_s(joined.len(), baseline), mb_per_s(joined.len(), whole));
+    println!(
+        "| {} | {baseline_rate:.0} | {rate:.0} | ×{:.2} | {:.0} |",
+        workload.name,
+        rate / baseline_rate,
+        per_event.as_nanos() as f64 / events.len() as f64,
+    );
+    Ok(())
 }
 
 /// A non-streamed chat completion as OpenAI sends it (the bench proxy provider's body).
