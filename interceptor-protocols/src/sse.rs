@@ -137,8 +137,8 @@ impl SseParser {
     }
 
     /// Dispatches the events at the start of `chunk` that have the shape providers send (an optional
-    /// `event:` line, one `data:` line, a blank line, all ending in LF) straight from the chunk, as
-    /// the line-by-line rules would; returns the rest, from the first byte of another shape.
+    /// `event:` line, one `data:` line, a blank line) straight from the chunk, as the line-by-line
+    /// rules would; returns the rest, from the first byte of another shape.
     fn simple_events<'c>(
         &mut self,
         mut chunk: &'c [u8],
@@ -152,7 +152,7 @@ impl SseParser {
             let Some((data, rest)) = field_line(rest, b"data:") else {
                 return chunk;
             };
-            let Some(rest) = rest.strip_prefix(b"\n") else {
+            let Some(rest) = line_end(rest).map(|length| &rest[length..]) else {
                 return chunk;
             };
             if data.len() > self.max_event_bytes {
@@ -236,16 +236,28 @@ impl SseParser {
     }
 }
 
-/// A whole `field:` line ending in LF at the start of `input`: its value (one leading space removed)
-/// and what follows the line.
+/// A whole `field:` line at the start of `input`: its value (one leading space removed) and what
+/// follows the line.
 fn field_line<'c>(input: &'c [u8], field: &[u8]) -> Option<(&'c [u8], &'c [u8])> {
     let rest = input.strip_prefix(field)?;
     let end = memchr2(b'\n', b'\r', rest)?;
-    if rest[end] != b'\n' {
-        return None;
-    }
     let value = &rest[..end];
-    Some((value.strip_prefix(b" ").unwrap_or(value), &rest[end + 1..]))
+    let after = &rest[end..];
+    Some((
+        value.strip_prefix(b" ").unwrap_or(value),
+        &after[line_end(after)?..],
+    ))
+}
+
+/// The length of the line end `input` starts with (LF, CRLF or CR), or `None` when it starts with
+/// none, or with a CR that ends the input (the next chunk may bring its LF).
+fn line_end(input: &[u8]) -> Option<usize> {
+    match input {
+        [b'\n', ..] => Some(1),
+        [b'\r', b'\n', ..] => Some(2),
+        [b'\r', _, ..] => Some(1),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -295,7 +307,9 @@ mod tests {
     #[test]
     fn events_read_from_whole_chunks_match_the_line_rules() {
         // Whole chunks take the shortcut for provider-shaped events; one byte at a time never does.
-        let streams: [&[u8]; 7] = [
+        let streams: [&[u8]; 9] = [
+            b"data: {\"candidates\":[]}\r\n\r\ndata: cr\rdata: lone\r\rdata: mixed\r\n\n",
+            b"event: e\r\ndata: crlf\r\n\r\ndata: last cr\r\r",
             b"data: {\"a\":1}\n\nevent: delta\ndata: x\n\ndata:no-space\n\n",
             b"event: e\nevent: f\ndata: two names\n\ndata: a\ndata: b\n\n",
             b"data: crlf\r\n\r\ndata: lf\n\n: comment\n\ndata: after\n\n",
