@@ -159,6 +159,17 @@ fn best(rounds: u32, mut f: impl FnMut()) -> Duration {
         .unwrap_or_default()
 }
 
+/// The baseline: a memchr scan for line ends over the same chunks (the least any parser does).
+fn line_scan_baseline(network: &[&[u8]]) -> Duration {
+    best(5, || {
+        let lines: usize = network
+            .iter()
+            .map(|c| memchr::memchr_iter(b'\n', c).count())
+            .sum();
+        black_box(lines);
+    })
+}
+
 fn mb_per_s(bytes: usize, elapsed: Duration) -> f64 {
     bytes as f64 / 1e6 / elapsed.as_secs_f64().max(1e-9)
 }
@@ -195,13 +206,7 @@ pub fn run(megabytes: u32) -> anyhow::Result<()> {
             "{}: no usage extracted",
             workload.name
         );
-        let baseline = best(5, || {
-            let lines: usize = network
-                .iter()
-                .map(|c| memchr::memchr_iter(b'\n', c).count())
-                .sum();
-            black_box(lines);
-        });
+        let baseline = line_scan_baseline(&network);
         let scan = if workload.content_type == "text/event-stream" {
             let elapsed = best(5, || {
                 let mut parser = SseParser::new(Limits::default().max_event_bytes);
@@ -275,13 +280,7 @@ fn usage_chunk_stripper(target: usize) -> anyhow::Result<()> {
         dropped == 1 && removed == expected,
         "stripper: removed {removed} bytes and {dropped} chunks, expected {expected} bytes and the usage chunk"
     );
-    let baseline = best(5, || {
-        let lines: usize = network
-            .iter()
-            .map(|c| memchr::memchr_iter(b'\n', c).count())
-            .sum();
-        black_box(lines);
-    });
+    let baseline = line_scan_baseline(&network);
     let whole = best(5, || {
         black_box(strip(&network));
     });
