@@ -78,14 +78,13 @@ impl SseParser {
                 break;
             };
             let (line, rest) = chunk.split_at(end);
-            chunk = match rest {
-                [b'\r', b'\n', rest @ ..] => rest,
-                [b'\r'] => {
+            chunk = match line_end(rest) {
+                Some(length) => &rest[length..],
+                None => {
+                    // A CR that ends the chunk: an LF starting the next one belongs to it.
                     self.after_cr = true;
                     &[]
                 }
-                [_, rest @ ..] => rest,
-                [] => &[],
             };
             if self.skipping_line {
                 self.skipping_line = false;
@@ -146,7 +145,7 @@ impl SseParser {
     ) -> &'c [u8] {
         loop {
             let (name, rest) = match field_line(chunk, b"event:") {
-                Some((name, rest)) => (&name[..name.len().min(256)], rest),
+                Some((name, rest)) => (kept_name(name), rest),
                 None => (&b""[..], chunk),
             };
             let Some((data, rest)) = field_line(rest, b"data:") else {
@@ -160,11 +159,10 @@ impl SseParser {
                 return chunk;
             }
             self.events += 1;
-            let event = match std::str::from_utf8(name) {
-                Ok("") | Err(_) => "message",
-                Ok(name) => name,
-            };
-            on_event(SseEvent { event, data });
+            on_event(SseEvent {
+                event: event_type(name),
+                data,
+            });
             chunk = rest;
         }
     }
@@ -210,7 +208,7 @@ impl SseParser {
             }
             b"event" => {
                 self.event.clear();
-                self.event.extend_from_slice(&value[..value.len().min(256)]);
+                self.event.extend_from_slice(kept_name(value));
             }
             _ => {}
         }
@@ -221,12 +219,8 @@ impl SseParser {
             self.oversized = false;
         } else if self.has_data {
             self.events += 1;
-            let event = match std::str::from_utf8(&self.event) {
-                Ok("") | Err(_) => "message",
-                Ok(name) => name,
-            };
             on_event(SseEvent {
-                event,
+                event: event_type(&self.event),
                 data: &self.data,
             });
         }
@@ -249,9 +243,22 @@ fn field_line<'c>(input: &'c [u8], field: &[u8]) -> Option<(&'c [u8], &'c [u8])>
     ))
 }
 
+/// The part of an `event:` value kept (names longer than this are cut).
+fn kept_name(value: &[u8]) -> &[u8] {
+    &value[..value.len().min(256)]
+}
+
+/// The event's type: its name, or `message` when it has none (or one that is not UTF-8).
+fn event_type(name: &[u8]) -> &str {
+    match std::str::from_utf8(name) {
+        Ok("") | Err(_) => "message",
+        Ok(name) => name,
+    }
+}
+
 /// The length of the line end `input` starts with (LF, CRLF or CR), or `None` when it starts with
 /// none, or with a CR that ends the input (the next chunk may bring its LF).
-fn line_end(input: &[u8]) -> Option<usize> {
+pub(crate) fn line_end(input: &[u8]) -> Option<usize> {
     match input {
         [b'\n', ..] => Some(1),
         [b'\r', b'\n', ..] => Some(2),

@@ -9,6 +9,7 @@
 use memchr::memchr2;
 
 use crate::needle::{Needle, needle};
+use crate::sse::line_end;
 use crate::top_level::{container_end, string_end};
 
 /// The filter's state across chunks.
@@ -109,11 +110,9 @@ impl Cursor<'_> {
         let mut event_start = 0;
         while let Some(offset) = memchr2(b'\n', b'\r', &buffer[self.scan..]) {
             let end = self.scan + offset;
-            let terminator = match buffer[end..] {
-                [b'\r', b'\n', ..] => 2,
-                // A CR at the end of the buffer may be the first half of CRLF: wait for more.
-                [b'\r'] => break,
-                _ => 1,
+            // A CR at the end of the buffer may be the first half of CRLF: wait for more.
+            let Some(terminator) = line_end(&buffer[end..]) else {
+                break;
             };
             let blank = end == self.line_start;
             if !blank && buffer[self.line_start..end].starts_with(b"data:") {

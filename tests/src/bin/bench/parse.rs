@@ -197,12 +197,13 @@ pub fn run(megabytes: u32) -> anyhow::Result<()> {
     );
     println!("|---|---:|---:|---:|---:|---:|");
     let mut sse_worst = f64::INFINITY;
-    for workload in workloads(target) {
+    let workloads = workloads(target);
+    for workload in &workloads {
         let joined = workload.joined();
         let bytes = workload.bytes();
         let network: Vec<&[u8]> = joined.chunks(16 * 1024).collect();
         anyhow::ensure!(
-            account(&workload, &network),
+            account(workload, &network),
             "{}: no usage extracted",
             workload.name
         );
@@ -223,12 +224,12 @@ pub fn run(megabytes: u32) -> anyhow::Result<()> {
             "–".to_owned()
         };
         let full = best(5, || {
-            black_box(account(&workload, &network));
+            black_box(account(workload, &network));
         });
         // Streaming as clients see it: one event per chunk.
         let events: Vec<&[u8]> = workload.chunks.iter().map(Vec::as_slice).collect();
         let per_event = best(5, || {
-            black_box(account(&workload, &events));
+            black_box(account(workload, &events));
         });
         let baseline_rate = mb_per_s(bytes, baseline);
         let full_rate = mb_per_s(bytes, full);
@@ -246,17 +247,17 @@ pub fn run(megabytes: u32) -> anyhow::Result<()> {
         "\nSSE scanning, slowest stream: {sse_worst:.0} MB/s (target ≥ 500 MB/s: {})",
         if sse_worst >= 500.0 { "met" } else { "NOT met" }
     );
-    usage_chunk_stripper(target)?;
+    let openai_chat = workloads
+        .iter()
+        .find(|w| w.name == "openai chat (SSE)")
+        .context("the OpenAI chat workload")?;
+    usage_chunk_stripper(openai_chat)?;
     whole_bodies()
 }
 
 /// The usage-chunk stripper (a stream whose `include_usage` the interceptor injected, shown to the
 /// client without it), against the same memchr baseline.
-fn usage_chunk_stripper(target: usize) -> anyhow::Result<()> {
-    let workload = workloads(target)
-        .into_iter()
-        .next()
-        .context("the OpenAI chat workload")?;
+fn usage_chunk_stripper(workload: &Workload) -> anyhow::Result<()> {
     let joined = workload.joined();
     let network: Vec<&[u8]> = joined.chunks(16 * 1024).collect();
     let events: Vec<&[u8]> = workload.chunks.iter().map(Vec::as_slice).collect();
