@@ -19,10 +19,14 @@ pub enum Which {
         /// Seconds per wrk run.
         #[arg(long, default_value_t = 5)]
         seconds: u32,
+        /// Runs of intercepted and no-accounting daemons, alternated, whose CPU per request gives
+        /// accounting's cost (the main phases hold two; each pair more adds two daemon phases).
+        #[arg(long, default_value_t = 4)]
+        accounting_pairs: u32,
         /// Only these paths (direct, intercepted, noaccounting, nginx), e.g. to profile one of them.
         #[arg(long, value_delimiter = ',')]
         paths: Vec<String>,
-        /// Only these workloads (chat, chat-stream, chat-newconn).
+        /// Only these workloads (chat, chat-stream, chat-newconn; chat-stream-usage runs only when named).
         #[arg(long, value_delimiter = ',')]
         workloads: Vec<String>,
         /// Only these concurrencies (1, 16, 64).
@@ -78,11 +82,18 @@ pub fn run(root: &Path, which: Which) -> anyhow::Result<()> {
         }
         Which::Proxy {
             seconds,
+            accounting_pairs,
             paths,
             workloads,
             concurrency,
         } => {
-            command.args(["proxy", "--seconds", &seconds.to_string()]);
+            command.args([
+                "proxy",
+                "--seconds",
+                &seconds.to_string(),
+                "--accounting-pairs",
+                &accounting_pairs.to_string(),
+            ]);
             if !paths.is_empty() {
                 command.args(["--paths", &paths.join(",")]);
             }
