@@ -4,9 +4,9 @@
 //! intercepted with accounting off (its CPU is the baseline of accounting's cost), and a reference
 //! TLS hop (Debian's nginx, one worker, TLS to the provider with upstream keep-alive). More
 //! intercepted and no-accounting phases follow, alternated, so accounting's cost is the median of
-//! several adjacent pairs. Each path
-//! gets an unmeasured second of each workload first, and the measured runs start once the work it
-//! left behind is done, so the figures are steady-state ones.
+//! several adjacent pairs. The measured proxy runs on a CPU of its own, wrk and the provider on the
+//! others. Each path gets an unmeasured second of each workload first, and the measured runs start
+//! once the work it left behind is done, so the figures are steady-state ones.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
