@@ -5,8 +5,9 @@
 //! TLS hop (Debian's nginx, one worker, TLS to the provider with upstream keep-alive). More
 //! intercepted and no-accounting phases follow, alternated, so accounting's cost is the median of
 //! several adjacent pairs. The measured proxy runs on a CPU of its own, wrk and the provider on the
-//! others. Each path gets an unmeasured second of each workload first, and the measured runs start
-//! once the work it left behind is done, so the figures are steady-state ones.
+//! others (on all of them in the direct phases). Each path gets an unmeasured second of each
+//! workload first, and the measured runs start once the work it left behind is done, so the figures
+//! are steady-state ones.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -103,12 +104,8 @@ impl Only {
 }
 
 pub fn run(seconds: u32, accounting_pairs: u32, only: &Only) -> anyhow::Result<()> {
-    // Before any thread or child exists, so all of them (the provider's runtime, wrk) inherit it.
-    let proxy_cpu = pin_load_generators()?;
-    let pinned: Vec<String> = match proxy_cpu {
-        Some(cpu) => vec!["taskset".into(), "--cpu-list".into(), cpu.to_string()],
-        None => Vec::new(),
-    };
+    let cpus = Cpus::split()?;
+    let pinned = cpus.as_ref().map(Cpus::proxy_wrapper).unwrap_or_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -167,6 +164,9 @@ pub fn run(seconds: u32, accounting_pairs: u32, only: &Only) -> anyhow::Result<(
     for path in phases(accounting_pairs) {
         if !only.path(path) {
             continue;
+        }
+        if let Some(cpus) = &cpus {
+            cpus.place_load_generators(path == Path3::Direct)?;
         }
         let daemon = match path {
             Path3::Intercepted | Path3::NoAccounting => {
@@ -326,26 +326,57 @@ pub fn run(seconds: u32, accounting_pairs: u32, only: &Only) -> anyhow::Result<(
     Ok(())
 }
 
-/// Gives the measured proxy (daemon or nginx) a CPU of its own, the last one this process may use,
-/// and pins this process, and so the provider and wrk it starts, to the others: on a small machine
-/// the scheduler otherwise moves them onto one CPU and apart again from run to run, which changes
-/// the proxy's CPU time per request by tens of percent. `None` (nothing pinned) with one CPU.
-fn pin_load_generators() -> anyhow::Result<Option<usize>> {
-    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
-    use nix::unistd::Pid;
-    let allowed = sched_getaffinity(Pid::from_raw(0)).context("reading this process's CPU set")?;
-    let cpus: Vec<usize> = (0..CpuSet::count())
-        .filter(|&cpu| allowed.is_set(cpu).unwrap_or(false))
-        .collect();
-    let Some((&proxy, load)) = cpus.split_last().filter(|(_, load)| !load.is_empty()) else {
-        return Ok(None);
-    };
-    let mut set = CpuSet::new();
-    for &cpu in load {
-        set.set(cpu).context("building the load generators' CPU set")?;
+/// Where the bench's processes run: the measured proxy (daemon or nginx, every thread) on a CPU of its
+/// own, the last one this process may use; this process, and so the provider it serves and the wrk
+/// it starts, on the others, except in the direct phases, which have no proxy and get every CPU. On
+/// a small machine the scheduler otherwise moves wrk, the provider and the proxy onto one CPU and
+/// apart again from run to run, which changes the proxy's CPU time per request by tens of percent.
+struct Cpus {
+    all: nix::sched::CpuSet,
+    load: nix::sched::CpuSet,
+    proxy: usize,
+}
+
+impl Cpus {
+    /// `None` (nothing pinned) with one CPU.
+    fn split() -> anyhow::Result<Option<Self>> {
+        use nix::sched::{CpuSet, sched_getaffinity};
+        let all =
+            sched_getaffinity(nix::unistd::Pid::from_raw(0)).context("reading this process's CPU set")?;
+        let cpus: Vec<usize> = (0..CpuSet::count())
+            .filter(|&cpu| all.is_set(cpu).unwrap_or(false))
+            .collect();
+        let Some((&proxy, others)) = cpus.split_last().filter(|(_, others)| !others.is_empty()) else {
+            return Ok(None);
+        };
+        let mut load = CpuSet::new();
+        for &cpu in others {
+            load.set(cpu).context("building the load generators' CPU set")?;
+        }
+        Ok(Some(Self { all, load, proxy }))
     }
-    sched_setaffinity(Pid::from_raw(0), &set).context("pinning the load generators")?;
-    Ok(Some(proxy))
+
+    /// The command prefix that runs a proxy on its CPU.
+    fn proxy_wrapper(&self) -> Vec<String> {
+        vec!["taskset".into(), "--cpu-list".into(), self.proxy.to_string()]
+    }
+
+    /// Moves every thread of this process (the provider's among them) to the load generators' CPUs,
+    /// or to all of them for a phase without a proxy; wrk, started later, inherits the main thread's.
+    fn place_load_generators(&self, whole_machine: bool) -> anyhow::Result<()> {
+        let set = if whole_machine { &self.all } else { &self.load };
+        for task in std::fs::read_dir("/proc/self/task").context("listing this process's threads")? {
+            let Some(tid) = task?.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            match nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), set) {
+                // A thread that ended meanwhile.
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => return Err(e).with_context(|| format!("setting the CPUs of thread {tid}")),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The interleaved phases: direct, intercepted, no accounting and nginx as A B D C C D B A, then
