@@ -26,6 +26,19 @@ pub fn output(program: &str, args: &[&str]) -> anyhow::Result<Output> {
         .with_context(|| format!("spawning `{program} {}`", args.join(" ")))
 }
 
+/// A command for `program`, run by `wrapper` when there is one (a command and its arguments that
+/// execs the program, such as `setpriv ...` or `taskset ...`).
+pub fn wrapped(wrapper: &[String], program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match wrapper.split_first() {
+        Some((wrapping, args)) => {
+            let mut command = Command::new(wrapping);
+            command.args(args).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
 /// Runs a command and ignores failures (cleanup paths).
 pub fn quiet(program: &str, args: &[&str]) {
     let _ = Command::new(program)

@@ -3,7 +3,7 @@
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -60,14 +60,7 @@ impl Daemon {
         // `INTERCEPTOR_TEST_LOG` overrides the filter (benchmarks keep only the ready line).
         let log_level = std::env::var("INTERCEPTOR_TEST_LOG")
             .unwrap_or_else(|_| "info,interceptor=debug,interceptor::request=info".into());
-        let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut command = Command::new(program);
-                command.args(args).arg(binary());
-                command
-            }
-            None => Command::new(binary()),
-        };
+        let mut command = crate::cmd::wrapped(wrapper, binary());
         command
             .args(["--log-format", "json", "--log-level", log_level.as_str(), "run"])
             .arg("--policy")

@@ -627,15 +627,7 @@ impl Nginx {
             ca = public_ca.display(),
         );
         std::fs::write(dir.join("nginx.conf"), conf)?;
-        let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut command = Command::new(program);
-                command.args(args).arg("nginx");
-                command
-            }
-            None => Command::new("nginx"),
-        };
-        let child = command
+        let child = tests::cmd::wrapped(wrapper, "nginx")
             .arg("-c")
             .arg(dir.join("nginx.conf"))
             .stdout(Stdio::null())
