@@ -3,6 +3,9 @@
 //!
 //! * `GET /v1/models` — reports the peer, SNI and HTTP version it saw (the "provider-side view");
 //! * `POST /v1/chat/completions`, `/v1/responses`, `/v1/embeddings` — OpenAI ([`openai`]);
+//! * `POST /v1/chat/completions/unaccounted` — the same chat completions on a path that is no OpenAI
+//!   endpoint, so the interceptor forwards it unread (`kind=other`): the proxy bench's baseline of
+//!   accounting's cost within one daemon;
 //! * `POST /v1/messages` — Anthropic Messages, JSON or SSE, with cache tokens ([`anthropic`]);
 //! * `POST /v1[beta]/models/{model}:generateContent` and `:streamGenerateContent` — Gemini ([`gemini`]);
 //! * `GET /sse?chunks=N&interval_ms=M` — N SSE events M ms apart;
@@ -38,6 +41,9 @@ pub mod ledger;
 pub mod openai;
 
 pub use ledger::{Ledger, Sent};
+
+/// Chat completions on a path the interceptor does not account for (see the module's list).
+pub const UNACCOUNTED_CHAT_PATH: &str = "/v1/chat/completions/unaccounted";
 
 /// What the provider saw of one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -174,7 +180,9 @@ async fn route(
                 "http_version": format!("{:?}", request.version()),
             }),
         ),
-        (Method::POST, "/v1/chat/completions") => openai::chat_completions(request, ledger).await,
+        (Method::POST, "/v1/chat/completions" | UNACCOUNTED_CHAT_PATH) => {
+            openai::chat_completions(request, ledger).await
+        }
         (Method::POST, "/v1/responses") => openai::responses(request, ledger).await,
         (Method::POST, "/v1/embeddings") => openai::embeddings(request, ledger).await,
         (Method::POST, "/v1/messages") => anthropic::messages(request, ledger).await,

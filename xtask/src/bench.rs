@@ -19,11 +19,15 @@ pub enum Which {
         /// Seconds per wrk run.
         #[arg(long, default_value_t = 5)]
         seconds: u32,
-        /// Runs of intercepted and no-accounting daemons, alternated, whose CPU per request gives
-        /// accounting's cost (the main phases hold two; each pair more adds two daemon phases).
-        #[arg(long, default_value_t = 4)]
+        /// Pairs of runs in one daemon, on the chat completions path and on a path it forwards
+        /// unread, alternated; the median of their CPU differences is accounting's cost.
+        #[arg(long, default_value_t = 6)]
         accounting_pairs: u32,
-        /// Only these paths (direct, intercepted, noaccounting, nginx), e.g. to profile one of them.
+        /// Seconds per run of those pairs.
+        #[arg(long, default_value_t = 2)]
+        accounting_seconds: u32,
+        /// Only these paths (direct, intercepted, noaccounting, nginx), e.g. to profile one of them;
+        /// the accounting pairs run when intercepted and noaccounting are both among them.
         #[arg(long, value_delimiter = ',')]
         paths: Vec<String>,
         /// Only these workloads (chat, chat-stream, chat-newconn; chat-stream-usage runs only when named).
@@ -83,6 +87,7 @@ pub fn run(root: &Path, which: Which) -> anyhow::Result<()> {
         Which::Proxy {
             seconds,
             accounting_pairs,
+            accounting_seconds,
             paths,
             workloads,
             concurrency,
@@ -93,6 +98,8 @@ pub fn run(root: &Path, which: Which) -> anyhow::Result<()> {
                 &seconds.to_string(),
                 "--accounting-pairs",
                 &accounting_pairs.to_string(),
+                "--accounting-seconds",
+                &accounting_seconds.to_string(),
             ]);
             if !paths.is_empty() {
                 command.args(["--paths", &paths.join(",")]);

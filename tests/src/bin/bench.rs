@@ -19,7 +19,10 @@ fn main() -> anyhow::Result<()> {
         }
         Some("proxy") => {
             let seconds = flag(&args, "--seconds").unwrap_or(5);
-            let accounting_pairs = flag(&args, "--accounting-pairs").unwrap_or(4);
+            let accounting = proxy::AccountingRuns {
+                pairs: flag(&args, "--accounting-pairs").unwrap_or(6),
+                seconds: flag(&args, "--accounting-seconds").unwrap_or(2),
+            };
             let only = proxy::Only {
                 paths: list(&args, "--paths"),
                 workloads: list(&args, "--workloads"),
@@ -28,14 +31,14 @@ fn main() -> anyhow::Result<()> {
                     .filter_map(|c| c.parse().ok())
                     .collect(),
             };
-            proxy::run(seconds, accounting_pairs, &only)
+            proxy::run(seconds, &accounting, &only)
         }
         Some("parse") => {
             let megabytes = flag(&args, "--megabytes").unwrap_or(64);
             parse::run(megabytes)
         }
         _ => bail!(
-            "usage: interceptor-bench connect [--connections N] | proxy [--seconds N] [--accounting-pairs N] | parse [--megabytes N]"
+            "usage: interceptor-bench connect [--connections N] | proxy [--seconds N] [--accounting-pairs N] [--accounting-seconds N] | parse [--megabytes N]"
         ),
     }
 }

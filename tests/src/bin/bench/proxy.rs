@@ -2,12 +2,13 @@
 //! completion at concurrency 1, 16 and 64, through four paths measured in the same run and
 //! interleaved (A B D C C D B A): direct (interception off), intercepted (one worker thread),
 //! intercepted with accounting off (its CPU is the baseline of accounting's cost), and a reference
-//! TLS hop (Debian's nginx, one worker, TLS to the provider with upstream keep-alive). More
-//! intercepted and no-accounting phases follow, alternated, so accounting's cost is the median of
-//! several adjacent pairs. The measured proxy runs on a CPU of its own, wrk and the provider on the
-//! others (on all of them in the direct phases). Each path gets an unmeasured second of each
-//! workload first, and the measured runs start once the work it left behind is done, so the figures
-//! are steady-state ones.
+//! TLS hop (Debian's nginx, one worker, TLS to the provider with upstream keep-alive). Accounting's
+//! cost is then measured within one daemon: short runs on the chat completions path alternate with
+//! runs on a path the daemon forwards unread, and the figure is the median of the adjacent pairs'
+//! CPU differences. The measured proxy runs on a CPU of its own, wrk and the provider on the others
+//! (on all of them in the direct phases). Each path gets an unmeasured second of each workload
+//! first, and the measured runs start once the work it left behind is done, so the figures are
+//! steady-state ones.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,7 +20,7 @@ use anyhow::{Context as _, bail};
 use tests::daemon::Daemon;
 use tests::node::{NODE_V4, Node, PROVIDER_V4, PROVIDER_V6};
 use tests::pki::{TestCa, server_config};
-use tests::provider::Provider;
+use tests::provider::{Provider, UNACCOUNTED_CHAT_PATH};
 use tests::scenario::policy;
 
 const NGINX_PORT: u16 = 8444;
@@ -103,7 +104,13 @@ impl Only {
     }
 }
 
-pub fn run(seconds: u32, accounting_pairs: u32, only: &Only) -> anyhow::Result<()> {
+/// How accounting's cost is measured: pairs of runs of this many seconds each.
+pub struct AccountingRuns {
+    pub pairs: u32,
+    pub seconds: u32,
+}
+
+pub fn run(seconds: u32, accounting: &AccountingRuns, only: &Only) -> anyhow::Result<()> {
     let cpus = Cpus::split()?;
     let pinned = cpus.as_ref().map(Cpus::proxy_wrapper).unwrap_or_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -161,7 +168,7 @@ pub fn run(seconds: u32, accounting_pairs: u32, only: &Only) -> anyhow::Result<(
     let mut results: BTreeMap<(&str, u32, Path3), Sample> = BTreeMap::new();
     let mut idle_rss_kb = 0;
     let mut loaded_rss_kb = 0;
-    for path in phases(accounting_pairs) {
+    for path in MAIN_PHASES {
         if !only.path(path) {
             continue;
         }
@@ -207,9 +214,9 @@ pub fn run(seconds: u32, accounting_pairs: u32, only: &Only) -> anyhow::Result<(
                 if !only.concurrency(concurrency) {
                     continue;
                 }
-                let cpu_before = cpu_pid.map(cpu_time_us).transpose()?;
+                let cpu_before = cpu_pid.map(CpuSnapshot::take).transpose()?;
                 let result = wrk(&pod, &script, &url, concurrency, seconds)?;
-                let cpu_after = cpu_pid.map(cpu_time_us).transpose()?;
+                let cpu_after = cpu_pid.map(CpuSnapshot::take).transpose()?;
                 let sample = results.entry((name, concurrency, path)).or_default();
                 sample.requests_per_s.push(result.requests_per_s);
                 sample.p50_ms.push(result.p50_ms);
@@ -217,7 +224,7 @@ pub fn run(seconds: u32, accounting_pairs: u32, only: &Only) -> anyhow::Result<(
                 if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
                     sample
                         .cpu_us_per_request
-                        .push((after - before) as f64 / result.requests.max(1) as f64);
+                        .push(after.us_since(&before) as f64 / result.requests.max(1) as f64);
                 }
             }
         }
@@ -227,6 +234,15 @@ pub fn run(seconds: u32, accounting_pairs: u32, only: &Only) -> anyhow::Result<(
         drop(daemon);
     }
     nginx.stop();
+    let accounting_pairs = if only.path(Path3::Intercepted) && only.path(Path3::NoAccounting) {
+        if let Some(cpus) = &cpus {
+            cpus.place_load_generators(false)?;
+        }
+        let daemon = Daemon::start_wrapped(&node.dir, &policy("open"), true, &daemon_args, &pinned)?;
+        accounting_runs(&pod, &node.dir, daemon.pid, accounting, only)?
+    } else {
+        BTreeMap::new()
+    };
     if !only.is_all() {
         println!("\nbench proxy (subset): {seconds}s per run");
         for (name, concurrency, path) in results.keys() {
@@ -235,10 +251,10 @@ pub fn run(seconds: u32, accounting_pairs: u32, only: &Only) -> anyhow::Result<(
                 "{name:<12} {concurrency:>4} {:<12} {rps:>10.0} req/s  p50 {p50:.2} ms  p99 {p99:.2} ms  cpu {cpu:.0} µs/req",
                 format!("{path:?}").to_lowercase()
             );
-            if *path == Path3::NoAccounting
-                && let Some(cost) = accounting_cost(&results, name, *concurrency)
-            {
-                println!("{:<12} {:>4} {cost}", "", "");
+        }
+        for ((name, concurrency), pairs) in &accounting_pairs {
+            if let Some(cost) = accounting_cost(pairs) {
+                println!("{name:<12} {concurrency:>4} {cost}");
             }
         }
         return Ok(());
@@ -246,12 +262,8 @@ pub fn run(seconds: u32, accounting_pairs: u32, only: &Only) -> anyhow::Result<(
 
     println!();
     println!(
-        "bench proxy: wrk in a pod, {seconds}s per run, phases A B D C C D B A{} (A direct, B intercepted, D intercepted without accounting, C nginx)",
-        phases(accounting_pairs)
-            .iter()
-            .skip(MAIN_PHASES.len())
-            .map(|p| if *p == Path3::Intercepted { " B" } else { " D" })
-            .collect::<String>()
+        "bench proxy: wrk in a pod, {seconds}s per run, phases A B D C C D B A (A direct, B intercepted, D intercepted without accounting, C nginx); accounting's cost from {} pairs of {}s runs in one daemon",
+        accounting.pairs, accounting.seconds,
     );
     println!(
         "{:<12} {:>4} {:<12} {:>10} {:>9} {:>9} {:>11} {:>11} {:>12}",
@@ -284,7 +296,10 @@ pub fn run(seconds: u32, accounting_pairs: u32, only: &Only) -> anyhow::Result<(
             }
             let intercepted = mean_of(&results, name, concurrency, Path3::Intercepted);
             let nginx = mean_of(&results, name, concurrency, Path3::Nginx);
-            if let Some(cost) = accounting_cost(&results, name, concurrency) {
+            if let Some(cost) = accounting_pairs
+                .get(&(name, concurrency))
+                .and_then(|pairs| accounting_cost(pairs))
+            {
                 println!("{:<12} {:>4} {cost}", "", "");
             }
             println!(
@@ -379,9 +394,7 @@ impl Cpus {
     }
 }
 
-/// The interleaved phases: direct, intercepted, no accounting and nginx as A B D C C D B A, then
-/// more intercepted and no-accounting runs, alternated (B D, D B, ...), until there are
-/// `accounting_pairs` of each.
+/// The interleaved phases: direct, intercepted, no accounting and nginx.
 const MAIN_PHASES: [Path3; 8] = [
     Path3::Direct,
     Path3::Intercepted,
@@ -393,53 +406,110 @@ const MAIN_PHASES: [Path3; 8] = [
     Path3::Direct,
 ];
 
-fn phases(accounting_pairs: u32) -> Vec<Path3> {
-    let mut phases = MAIN_PHASES.to_vec();
-    for pair in 2..accounting_pairs {
-        if pair.is_multiple_of(2) {
-            phases.extend([Path3::Intercepted, Path3::NoAccounting]);
-        } else {
-            phases.extend([Path3::NoAccounting, Path3::Intercepted]);
-        }
-    }
-    phases
+/// The daemon's CPU per request with accounting and without: one pair of adjacent runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct AccountingPair {
+    accounted_us: f64,
+    unaccounted_us: f64,
 }
 
-/// Accounting's CPU cost per request: the k-th intercepted run against the k-th run without
-/// accounting (adjacent phases), as the median of the pairs' differences. A phase disturbed by
+/// Accounting's cost within one daemon (accounting on), per workload and concurrency: runs on the
+/// chat completions path alternate with runs on a path the daemon forwards unread
+/// ([`UNACCOUNTED_CHAT_PATH`]: same request, same response, no body read, no usage, no price),
+/// seconds apart, in the order of [`pair_orders`]. Unlike the daemon phases (about a minute apart,
+/// each a process of its own), a pair shares the process and the minute.
+fn accounting_runs<'a>(
+    pod: &tests::node::Pod,
+    dir: &Path,
+    pid: u32,
+    runs: &AccountingRuns,
+    only: &Only,
+) -> anyhow::Result<BTreeMap<(&'a str, u32), Vec<AccountingPair>>> {
+    let accounted = "https://api.openai.com/v1/chat/completions".to_owned();
+    let unaccounted = format!("https://api.openai.com{UNACCOUNTED_CHAT_PATH}");
+    let mut measured = BTreeMap::new();
+    for (name, body, close) in WORKLOADS.into_iter().chain(EXTRA_WORKLOADS) {
+        if !only.workload(name) {
+            continue;
+        }
+        let script = dir.join(format!("{name}.lua"));
+        std::fs::write(&script, wrk_script(body, close))?;
+        for url in [&accounted, &unaccounted] {
+            wrk(pod, &script, url, 16, WARM_UP_SECONDS)?;
+        }
+        settle(pid)?;
+        for concurrency in CONCURRENCY {
+            if !only.concurrency(concurrency) {
+                continue;
+            }
+            let mut pairs = Vec::new();
+            for accounted_first in pair_orders(runs.pairs) {
+                let mut pair = AccountingPair {
+                    accounted_us: 0.0,
+                    unaccounted_us: 0.0,
+                };
+                let order = if accounted_first {
+                    [true, false]
+                } else {
+                    [false, true]
+                };
+                for with_accounting in order {
+                    let url = if with_accounting { &accounted } else { &unaccounted };
+                    let before = CpuSnapshot::take(pid)?;
+                    let result = wrk(pod, &script, url, concurrency, runs.seconds)?;
+                    let per_request =
+                        CpuSnapshot::take(pid)?.us_since(&before) as f64 / result.requests.max(1) as f64;
+                    if with_accounting {
+                        pair.accounted_us = per_request;
+                    } else {
+                        pair.unaccounted_us = per_request;
+                    }
+                    // What the run left behind (connections closed, streams wrk cut estimated)
+                    // stays out of the next one.
+                    settle(pid)?;
+                }
+                pairs.push(pair);
+            }
+            measured.insert((name, concurrency), pairs);
+        }
+    }
+    Ok(measured)
+}
+
+/// Whether each pair runs with accounting first: alternated (A B, B A, A B, ...), so a drift over
+/// the runs weighs on both sides alike.
+fn pair_orders(pairs: u32) -> impl Iterator<Item = bool> {
+    (0..pairs).map(|pair| pair.is_multiple_of(2))
+}
+
+/// Accounting's CPU cost per request, as the median of the pairs' differences. A run disturbed by
 /// something outside the daemon moves one pair, not the median.
-fn accounting_cost(
-    results: &BTreeMap<(&str, u32, Path3), Sample>,
-    name: &str,
-    concurrency: u32,
-) -> Option<String> {
-    let with = &results
-        .get(&(name, concurrency, Path3::Intercepted))?
-        .cpu_us_per_request;
-    let without = &results
-        .get(&(name, concurrency, Path3::NoAccounting))?
-        .cpu_us_per_request;
-    let mut pairs: Vec<f64> = with
+fn accounting_cost(pairs: &[AccountingPair]) -> Option<String> {
+    let measured: Vec<&AccountingPair> = pairs.iter().filter(|pair| pair.unaccounted_us > 0.0).collect();
+    let mut differences: Vec<f64> = measured
         .iter()
-        .zip(without)
-        .filter(|(_, without)| **without > 0.0)
-        .map(|(with, without)| (with / without - 1.0) * 100.0)
+        .map(|pair| (pair.accounted_us / pair.unaccounted_us - 1.0) * 100.0)
         .collect();
-    if pairs.is_empty() {
+    if differences.is_empty() {
         return None;
     }
-    pairs.sort_by(f64::total_cmp);
-    let middle = pairs.len() / 2;
-    let median = if pairs.len().is_multiple_of(2) {
-        (pairs[middle - 1] + pairs[middle]) / 2.0
+    differences.sort_by(f64::total_cmp);
+    let middle = differences.len() / 2;
+    let median = if differences.len().is_multiple_of(2) {
+        (differences[middle - 1] + differences[middle]) / 2.0
     } else {
-        pairs[middle]
+        differences[middle]
     };
-    let each: Vec<String> = pairs.iter().map(|p| format!("{p:+.1}")).collect();
+    let mean = |side: fn(&AccountingPair) -> f64| {
+        measured.iter().map(|pair| side(pair)).sum::<f64>() / measured.len() as f64
+    };
+    let each: Vec<String> = differences.iter().map(|p| format!("{p:+.1}")).collect();
     Some(format!(
-        "accounting CPU: {median:+.1}% per request, median of {} alternating pairs ({}%) (target <= +5%)",
-        pairs.len(),
-        each.join(", ")
+        "accounting CPU: {median:+.1}% per request, median of {} pairs in one daemon ({}%; means {:.1} / {:.1} µs) (target <= +5%)",
+        differences.len(),
+        each.join(", "),
+        mean(|p| p.accounted_us),
+        mean(|p| p.unaccounted_us),
     ))
 }
 
@@ -556,12 +626,12 @@ fn parse_duration_ms(value: &str) -> Option<f64> {
 /// wrk cut, run off the I/O thread) is done before the measured runs.
 fn settle(pid: u32) -> anyhow::Result<()> {
     const PERIOD: Duration = Duration::from_millis(500);
-    let mut before = cpu_time_us(pid)?;
+    let mut before = CpuSnapshot::take(pid)?;
     for _ in 0..40 {
         std::thread::sleep(PERIOD);
-        let now = cpu_time_us(pid)?;
-        // One clock tick (10 ms) in half a second: idle but for timers.
-        if now.saturating_sub(before) <= 10_000 {
+        let now = CpuSnapshot::take(pid)?;
+        // At most 10 ms in half a second: idle but for timers.
+        if now.us_since(&before) <= 10_000 {
             return Ok(());
         }
         before = now;
@@ -569,20 +639,48 @@ fn settle(pid: u32) -> anyhow::Result<()> {
     bail!("process {pid} still busy 20 s after the warm-up")
 }
 
-fn cpu_time_us(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .context("stat format")?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as u64;
-    Ok(ticks * 1_000_000 / hz)
+/// The CPU time of each thread of a process, from the scheduler's nanosecond counts
+/// (`/proc/PID/task/*/schedstat`): `/proc/PID/stat` counts clock ticks of 10 ms, too coarse for a
+/// run of a few seconds of streams at concurrency 1.
+struct CpuSnapshot(BTreeMap<u32, u64>);
+
+impl CpuSnapshot {
+    fn take(pid: u32) -> anyhow::Result<Self> {
+        let tasks = format!("/proc/{pid}/task");
+        let mut threads = BTreeMap::new();
+        for task in std::fs::read_dir(&tasks).with_context(|| format!("listing {tasks}"))? {
+            let task = task?;
+            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            let path = task.path().join("schedstat");
+            let stat = match std::fs::read_to_string(&path) {
+                Ok(stat) => stat,
+                // A thread that ended meanwhile.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) => continue,
+                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            };
+            let run_ns = stat
+                .split_whitespace()
+                .next()
+                .and_then(|run| run.parse().ok())
+                .with_context(|| format!("{}: no run time in {stat:?}", path.display()))?;
+            threads.insert(tid, run_ns);
+        }
+        Ok(Self(threads))
+    }
+
+    /// The CPU time, in µs, the process's threads used since `earlier`: threads started meanwhile
+    /// count whole; a thread that ended meanwhile loses what it ran since `earlier` (the runtime's
+    /// blocking threads end after seconds of idleness, so that is nothing in practice), never more.
+    fn us_since(&self, earlier: &Self) -> u64 {
+        let nanoseconds: u64 = self
+            .0
+            .iter()
+            .map(|(tid, now)| now.saturating_sub(earlier.0.get(tid).copied().unwrap_or(0)))
+            .sum();
+        nanoseconds / 1000
+    }
 }
 
 fn rss_kb(pid: u32) -> anyhow::Result<u64> {
@@ -690,45 +788,86 @@ mod phase_tests {
     use super::*;
 
     #[test]
-    fn more_accounting_pairs_alternate_after_the_main_phases() {
-        assert_eq!(phases(2), MAIN_PHASES.to_vec());
-        assert_eq!(phases(0), MAIN_PHASES.to_vec());
-        let (b, d) = (Path3::Intercepted, Path3::NoAccounting);
-        assert_eq!(phases(5)[MAIN_PHASES.len()..], [b, d, d, b, b, d]);
-        let count = |path| phases(5).iter().filter(|p| **p == path).count();
+    fn cpu_time_counts_new_threads_whole_and_never_goes_back() {
+        let snapshot = |threads: &[(u32, u64)]| CpuSnapshot(threads.iter().copied().collect());
+        let earlier = snapshot(&[(1, 5_000_000), (2, 7_000_000), (3, 1_000_000)]);
+        // Thread 3 ended, thread 4 started, thread 1 ran 2 ms more, thread 2 did not run.
+        let later = snapshot(&[(1, 7_000_000), (2, 7_000_000), (4, 500_000)]);
+        assert_eq!(later.us_since(&earlier), 2_500);
         assert_eq!(
-            (count(b), count(d), count(Path3::Nginx), count(Path3::Direct)),
-            (5, 5, 2, 2)
+            earlier.us_since(&later),
+            1_000,
+            "a thread's count going back counts nothing"
+        );
+        // A thread that ran 20 ms and now sleeps (a running thread's count lags until it is
+        // switched out; the bench samples the daemon idle).
+        let (ran, done) = std::sync::mpsc::channel();
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let worker = std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_millis(20) {
+                std::hint::black_box(start.elapsed());
+            }
+            ran.send(nix::unistd::gettid().as_raw()).expect("main waits");
+            let _ = wait.recv();
+        });
+        let tid = u32::try_from(done.recv().expect("worker ran")).expect("tid");
+        std::thread::sleep(Duration::from_millis(20));
+        let own = CpuSnapshot::take(std::process::id()).expect("own threads");
+        drop(release);
+        worker.join().expect("worker");
+        assert!(own.0.get(&tid).is_some_and(|ns| *ns >= 15_000_000), "{:?}", own.0);
+    }
+
+    #[test]
+    fn accounting_pairs_alternate_their_order() {
+        assert_eq!(pair_orders(0).count(), 0);
+        assert_eq!(
+            pair_orders(5).collect::<Vec<_>>(),
+            [true, false, true, false, true]
         );
     }
 
     #[test]
+    fn the_unaccounted_path_is_forwarded_unread() {
+        use interceptor_protocols::{Adapter, Dialect, EndpointKind, classify};
+        let route = classify(Adapter::Openai, "POST", UNACCOUNTED_CHAT_PATH, "");
+        assert_eq!(
+            (route.kind, route.dialect),
+            (EndpointKind::Other, Dialect::Opaque)
+        );
+        let chat = classify(Adapter::Openai, "POST", "/v1/chat/completions", "");
+        assert_eq!(chat.dialect, Dialect::OpenaiChat);
+    }
+
+    #[test]
     fn accounting_cost_is_the_median_of_the_pairs() {
-        let mut results = BTreeMap::new();
-        let sample = |cpu: &[f64]| Sample {
-            cpu_us_per_request: cpu.to_vec(),
-            ..Sample::default()
+        let pair = |accounted_us, unaccounted_us| AccountingPair {
+            accounted_us,
+            unaccounted_us,
         };
-        // Pairs +10%, +50% (a disturbed phase), +0%, skipped (no baseline), -10%.
-        results.insert(
-            ("chat", 16, Path3::Intercepted),
-            sample(&[110.0, 150.0, 100.0, 90.0, 90.0]),
+        // Pairs +10%, +50% (a disturbed run), +0%, skipped (no baseline), -10%.
+        let pairs = [
+            pair(110.0, 100.0),
+            pair(150.0, 100.0),
+            pair(100.0, 100.0),
+            pair(90.0, 0.0),
+            pair(90.0, 100.0),
+        ];
+        let cost = accounting_cost(&pairs).expect("pairs");
+        assert!(
+            cost.starts_with(
+                "accounting CPU: +5.0% per request, median of 4 pairs in one daemon (-10.0, +0.0, +10.0, +50.0%; means 112.5 / 100.0 µs)"
+            ),
+            "{cost}"
         );
-        results.insert(
-            ("chat", 16, Path3::NoAccounting),
-            sample(&[100.0, 100.0, 100.0, 0.0, 100.0]),
-        );
-        let cost = accounting_cost(&results, "chat", 16).expect("pairs");
-        assert!(cost.starts_with("accounting CPU: +5.0% per request, median of 4 alternating pairs (-10.0, +0.0, +10.0, +50.0%)"), "{cost}");
-        results.insert(("chat", 1, Path3::Intercepted), sample(&[103.0, 120.0, 101.0]));
-        results.insert(("chat", 1, Path3::NoAccounting), sample(&[100.0, 100.0, 100.0]));
-        let cost = accounting_cost(&results, "chat", 1).expect("pairs");
+        let cost =
+            accounting_cost(&[pair(103.0, 100.0), pair(120.0, 100.0), pair(101.0, 100.0)]).expect("pairs");
         assert!(
             cost.starts_with("accounting CPU: +3.0% per request, median of 3"),
             "{cost}"
         );
-        assert_eq!(accounting_cost(&results, "chat", 64), None);
-        results.insert(("chat", 64, Path3::Intercepted), sample(&[100.0]));
-        assert_eq!(accounting_cost(&results, "chat", 64), None, "no baseline path");
+        assert_eq!(accounting_cost(&[]), None);
+        assert_eq!(accounting_cost(&[pair(100.0, 0.0)]), None, "no baseline");
     }
 }
