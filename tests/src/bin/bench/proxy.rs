@@ -214,18 +214,18 @@ pub fn run(seconds: u32, accounting: &AccountingRuns, only: &Only) -> anyhow::Re
                 if !only.concurrency(concurrency) {
                     continue;
                 }
-                let cpu_before = cpu_pid.map(CpuSnapshot::take).transpose()?;
-                let result = wrk(&pod, &script, &url, concurrency, seconds)?;
-                let cpu_after = cpu_pid.map(CpuSnapshot::take).transpose()?;
+                let (result, cpu_us_per_request) = match cpu_pid {
+                    Some(pid) => {
+                        let (result, cpu) = wrk_with_cpu(pid, &pod, &script, &url, concurrency, seconds)?;
+                        (result, Some(cpu))
+                    }
+                    None => (wrk(&pod, &script, &url, concurrency, seconds)?, None),
+                };
                 let sample = results.entry((name, concurrency, path)).or_default();
                 sample.requests_per_s.push(result.requests_per_s);
                 sample.p50_ms.push(result.p50_ms);
                 sample.p99_ms.push(result.p99_ms);
-                if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
-                    sample
-                        .cpu_us_per_request
-                        .push(after.us_since(&before) as f64 / result.requests.max(1) as f64);
-                }
+                sample.cpu_us_per_request.extend(cpu_us_per_request);
             }
         }
         if let Some(daemon) = &daemon {
@@ -418,13 +418,13 @@ struct AccountingPair {
 /// ([`UNACCOUNTED_CHAT_PATH`]: same request, same response, no body read, no usage, no price),
 /// seconds apart, in the order of [`pair_orders`]. Unlike the daemon phases (about a minute apart,
 /// each a process of its own), a pair shares the process and the minute.
-fn accounting_runs<'a>(
+fn accounting_runs(
     pod: &tests::node::Pod,
     dir: &Path,
     pid: u32,
     runs: &AccountingRuns,
     only: &Only,
-) -> anyhow::Result<BTreeMap<(&'a str, u32), Vec<AccountingPair>>> {
+) -> anyhow::Result<BTreeMap<(&'static str, u32), Vec<AccountingPair>>> {
     let accounted = "https://api.openai.com/v1/chat/completions".to_owned();
     let unaccounted = format!("https://api.openai.com{UNACCOUNTED_CHAT_PATH}");
     let mut measured = BTreeMap::new();
@@ -442,33 +442,28 @@ fn accounting_runs<'a>(
             if !only.concurrency(concurrency) {
                 continue;
             }
+            let run = |url: &str| -> anyhow::Result<f64> {
+                let (_, cpu) = wrk_with_cpu(pid, pod, &script, url, concurrency, runs.seconds)?;
+                // What the run left behind (connections closed, streams wrk cut estimated) stays
+                // out of the next one.
+                settle(pid)?;
+                Ok(cpu)
+            };
             let mut pairs = Vec::new();
             for accounted_first in pair_orders(runs.pairs) {
-                let mut pair = AccountingPair {
-                    accounted_us: 0.0,
-                    unaccounted_us: 0.0,
-                };
-                let order = if accounted_first {
-                    [true, false]
-                } else {
-                    [false, true]
-                };
-                for with_accounting in order {
-                    let url = if with_accounting { &accounted } else { &unaccounted };
-                    let before = CpuSnapshot::take(pid)?;
-                    let result = wrk(pod, &script, url, concurrency, runs.seconds)?;
-                    let per_request =
-                        CpuSnapshot::take(pid)?.us_since(&before) as f64 / result.requests.max(1) as f64;
-                    if with_accounting {
-                        pair.accounted_us = per_request;
-                    } else {
-                        pair.unaccounted_us = per_request;
+                pairs.push(if accounted_first {
+                    let accounted_us = run(&accounted)?;
+                    AccountingPair {
+                        accounted_us,
+                        unaccounted_us: run(&unaccounted)?,
                     }
-                    // What the run left behind (connections closed, streams wrk cut estimated)
-                    // stays out of the next one.
-                    settle(pid)?;
-                }
-                pairs.push(pair);
+                } else {
+                    let unaccounted_us = run(&unaccounted)?;
+                    AccountingPair {
+                        accounted_us: run(&accounted)?,
+                        unaccounted_us,
+                    }
+                });
             }
             measured.insert((name, concurrency), pairs);
         }
@@ -606,6 +601,22 @@ fn wrk(
         p50_ms: percentile("50%")?,
         p99_ms: percentile("99%")?,
     })
+}
+
+/// A wrk run, and the CPU time `pid` used per request during it.
+fn wrk_with_cpu(
+    pid: u32,
+    pod: &tests::node::Pod,
+    script: &Path,
+    url: &str,
+    concurrency: u32,
+    seconds: u32,
+) -> anyhow::Result<(WrkResult, f64)> {
+    let before = CpuSnapshot::take(pid)?;
+    let result = wrk(pod, script, url, concurrency, seconds)?;
+    let cpu_us = CpuSnapshot::take(pid)?.us_since(&before);
+    let per_request = cpu_us as f64 / result.requests.max(1) as f64;
+    Ok((result, per_request))
 }
 
 /// wrk prints durations as `512.00us`, `1.23ms`, `2.00s`.
@@ -797,7 +808,7 @@ mod phase_tests {
         assert_eq!(
             earlier.us_since(&later),
             1_000,
-            "a thread's count going back counts nothing"
+            "counts going back add nothing; a thread only in the later snapshot counts whole"
         );
         // A thread that ran 20 ms and now sleeps (a running thread's count lags until it is
         // switched out; the bench samples the daemon idle).
