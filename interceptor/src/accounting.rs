@@ -19,6 +19,7 @@ use crate::genai_metrics::{
 };
 use crate::metric_labels::{CappedHandle, CappedVec, IdentityLabels, IdentityValues, MAX_LABELS};
 use crate::policy::{Policy, StreamUsage};
+use crate::proxy::estimates::EstimatePool;
 
 /// Accounting settings shared by every connection.
 pub struct AccountingSettings {
@@ -38,6 +39,8 @@ pub struct AccountingSettings {
     pub audit: Option<crate::audit::AuditLog>,
     /// Recent use and rejections for `interceptor status`.
     pub board: Arc<crate::status::StatusBoard>,
+    /// Where cut streams' tokenizer estimates wait and run.
+    pub estimates: Arc<EstimatePool>,
 }
 
 impl AccountingSettings {
@@ -47,6 +50,7 @@ impl AccountingSettings {
         let budget_kib = usize::try_from(accounting.request_buffer_budget_bytes / 1024)
             .unwrap_or(Semaphore::MAX_PERMITS)
             .min(Semaphore::MAX_PERMITS);
+        let estimates = EstimatePool::for_this_machine(metrics.estimates_skipped.clone());
         Ok(Self {
             enabled: accounting.enabled,
             prices,
@@ -58,6 +62,7 @@ impl AccountingSettings {
             metrics,
             audit: None,
             board: Arc::default(),
+            estimates,
         })
     }
 
@@ -161,6 +166,8 @@ pub struct AccountingMetrics {
     pub provider_errors: IntCounterVec,
     pub unread_bodies: IntCounterVec,
     pub usage_injected: IntCounter,
+    /// Cut streams recorded without a tokenizer estimate because the estimate queue was full.
+    pub estimates_skipped: IntCounter,
 }
 
 impl AccountingMetrics {
@@ -230,6 +237,11 @@ impl AccountingMetrics {
             "interceptor_stream_usage_injected_total",
             "Streams whose request got stream_options.include_usage (hidden from the client again)",
         )?;
+        let estimates_skipped = IntCounter::new(
+            "interceptor_usage_estimates_skipped_total",
+            "Streams cut before their usage that were not estimated with the tokenizer because the \
+             estimate queue was full (recorded with usage missing)",
+        )?;
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(usage.clone()),
@@ -240,6 +252,7 @@ impl AccountingMetrics {
             Box::new(provider_errors.clone()),
             Box::new(unread_bodies.clone()),
             Box::new(usage_injected.clone()),
+            Box::new(estimates_skipped.clone()),
         ] {
             registry.register(collector)?;
         }
@@ -255,6 +268,7 @@ impl AccountingMetrics {
             provider_errors,
             unread_bodies,
             usage_injected,
+            estimates_skipped,
         })
     }
 

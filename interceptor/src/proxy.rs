@@ -6,6 +6,7 @@ pub mod accounted;
 pub mod classify;
 pub mod coalesced;
 pub mod connection;
+pub mod estimates;
 pub mod exchange;
 pub mod http;
 pub mod passthrough;

@@ -239,11 +239,13 @@ impl<B> Drop for Accounted<B> {
 
 #[cfg(test)]
 mod tests {
+    use std::convert::Infallible;
     use std::path::{Path, PathBuf};
     use std::time::Duration;
 
+    use futures::StreamExt;
     use http::header::{CONTENT_TYPE, HeaderValue};
-    use http_body_util::Full;
+    use http_body_util::{Full, StreamBody};
     use interceptor_protocols::{Adapter, Limits, classify};
     use prometheus::Registry;
 
@@ -253,14 +255,20 @@ mod tests {
     use crate::metric_labels::IdentityLabels;
     use crate::policy::Policy;
     use crate::proxy::ProxyMetrics;
+    use crate::proxy::estimates::EstimatePool;
     use crate::proxy::exchange::test_conn;
 
     /// A non-streamed chat completion: 120 prompt tokens, 9 completion tokens.
     const CHAT_COMPLETION: &[u8] = br#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":"Hello."},"finish_reason":"stop"}],"usage":{"prompt_tokens":120,"completion_tokens":9,"total_tokens":129}}"#;
 
-    /// An exchange whose record goes to an audit file of its own; the accounted response body of
-    /// `CHAT_COMPLETION`, one chunk, as hyper hands it over.
-    fn exchange_with_audit(name: &str) -> (Accounted<Full<Bytes>>, PathBuf, AuditWriter) {
+    /// An exchange of `POST /v1/chat/completions` whose record goes to an audit file of its own (its
+    /// accounting settings first changed by `tune`), and the accountant of a 200 response of
+    /// `content_type`.
+    fn audited_exchange(
+        name: &str,
+        content_type: &'static str,
+        tune: impl FnOnce(&mut AccountingSettings),
+    ) -> (Arc<Exchange>, ResponseAccountant, PathBuf, AuditWriter) {
         let dir = std::env::temp_dir().join(format!("interceptor-settle-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -281,6 +289,7 @@ mod tests {
                 .expect("audit start")
                 .expect("audit on");
         settings.audit = Some(log);
+        tune(&mut settings);
         let route = classify(Adapter::Openai, "POST", "/v1/chat/completions", "");
         let exchange = Exchange::start(
             test_conn("python3", "/test.slice"),
@@ -292,8 +301,15 @@ mod tests {
         );
         exchange.responded(http::StatusCode::OK);
         let mut headers = http::HeaderMap::new();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
         let accountant = ResponseAccountant::new(Adapter::Openai, &route, 200, &headers, Limits::default());
+        (exchange, accountant, path, writer)
+    }
+
+    /// [`audited_exchange`] with the accounted response body of `CHAT_COMPLETION`, one chunk, as
+    /// hyper hands it over.
+    fn exchange_with_audit(name: &str) -> (Accounted<Full<Bytes>>, PathBuf, AuditWriter) {
+        let (exchange, accountant, path, writer) = audited_exchange(name, "application/json", |_| {});
         let body = Accounted::new(
             Full::new(Bytes::from_static(CHAT_COMPLETION)),
             exchange,
@@ -304,7 +320,10 @@ mod tests {
     }
 
     /// Polls `body` once, as hyper does, outside any task.
-    fn poll_once(body: &mut Accounted<Full<Bytes>>) -> Option<Bytes> {
+    fn poll_once<B>(body: &mut Accounted<B>) -> Option<Bytes>
+    where
+        B: Body<Data = Bytes, Error = Infallible> + Unpin,
+    {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         match Pin::new(body).poll_frame(&mut cx) {
             Poll::Ready(Some(Ok(frame))) => frame.into_data().ok(),
@@ -353,6 +372,38 @@ mod tests {
         // Latency runs to the body's end, not to when the deferred record was emitted (80 ms later).
         let latency = line["latency_ms"].as_f64().expect("latency");
         assert!(latency < 80.0, "latency {latency} ms includes the deferral");
+        remove_audit_dir(&path);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_cut_stream_is_recorded_without_an_estimate_when_the_estimate_queue_is_full() {
+        let skipped = prometheus::IntCounter::new("skipped", "estimates skipped").expect("counter");
+        let estimates = EstimatePool::new(1, 0, skipped.clone());
+        let _busy = estimates.admit().expect("the pool's only place");
+        let pool = estimates.clone();
+        let (exchange, mut accountant, path, writer) =
+            audited_exchange("cut-full", "text/event-stream", move |settings| {
+                settings.estimates = pool
+            });
+        accountant.collect_output();
+        // One generated chunk, then the client goes away before the usage chunk.
+        let chunk = Bytes::from_static(
+            b"data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello there\"}}]}\n\n",
+        );
+        let frames = futures::stream::iter([Ok::<_, Infallible>(Frame::data(chunk.clone()))])
+            .chain(futures::stream::pending());
+        let mut body = Accounted::new(StreamBody::new(frames), exchange, accountant, None);
+        assert_eq!(poll_once(&mut body), Some(chunk), "the chunk passes unchanged");
+        assert!(!body.is_end_stream());
+        drop(body);
+        tokio::task::yield_now().await;
+        writer.drain(Duration::from_secs(5)).await;
+        let lines = audit_lines(&path);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["usage"], "missing", "{}", lines[0]);
+        assert_eq!(lines[0]["estimated"], false, "{}", lines[0]);
+        assert_eq!(skipped.get(), 1, "the stream turned away is counted");
+        assert_eq!(estimates.admitted(), 1, "only the place held by the test");
         remove_audit_dir(&path);
     }
 

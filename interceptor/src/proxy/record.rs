@@ -1,6 +1,7 @@
 //! The record of a finished exchange: priced, counted in the metrics and logged as one structured
 //! `request` line. A stream that ended without usage but with its text kept is first estimated with
-//! the tokenizer, on the blocking pool (CPU work stays off the I/O threads).
+//! the tokenizer, on the blocking pool (CPU work stays off the I/O threads), a bounded number at a
+//! time ([`super::estimates`]).
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -74,17 +75,20 @@ impl Record {
             self.emit(None);
             return;
         }
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn_blocking(move || {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            let encoding = self.estimate();
+            self.emit(Some(encoding));
+            return;
+        };
+        match self.settings.estimates.admit() {
+            Some(admission) => {
+                runtime.spawn(admission.run(move || {
                     let encoding = self.estimate();
                     self.emit(Some(encoding));
-                });
+                }));
             }
-            Err(_) => {
-                let encoding = self.estimate();
-                self.emit(Some(encoding));
-            }
+            // Too many cut streams already waiting: recorded as they are, usage missing (counted).
+            None => self.emit(None),
         }
     }
 
