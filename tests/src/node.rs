@@ -18,6 +18,8 @@ pub const NODE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0xff, 0, 0, 0,
 /// The simulated provider's service addresses.
 pub const PROVIDER_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 pub const PROVIDER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x203, 0, 0, 0, 0, 0x10);
+/// The provider namespace's end of its link: the host's gateway to the provider addresses.
+const PROVIDER_GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
 /// A second provider address that is never a target.
 pub const OTHER_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
 const TEST_PREFIXES_V4: [(&str, u8); 2] = [("198.51.100.0", 24), ("203.0.113.0", 24)];
@@ -252,7 +254,7 @@ impl Node {
         let netns = format!("{PREFIX}-{name}");
         let host_if = format!("{PREFIX}v{}", self.providers.len() + 1);
         self.providers.push(netns.clone());
-        let v4 = (Ipv4Addr::new(203, 0, 113, 1), 30, Ipv4Addr::new(203, 0, 113, 2));
+        let v4 = (Ipv4Addr::new(203, 0, 113, 1), 30, PROVIDER_GATEWAY_V4);
         let v6 = (
             Ipv6Addr::new(0x2001, 0xdb8, 0x203, 1, 0, 0, 0, 1),
             64,
@@ -264,7 +266,13 @@ impl Node {
             ns(&["addr", "add", &format!("{addr}/32"), "dev", "lo"])?;
             run(
                 "ip",
-                &["route", "add", &format!("{addr}/32"), "via", "203.0.113.2"],
+                &[
+                    "route",
+                    "add",
+                    &format!("{addr}/32"),
+                    "via",
+                    &PROVIDER_GATEWAY_V4.to_string(),
+                ],
             )?;
         }
         ns(&[
@@ -288,6 +296,26 @@ impl Node {
             ],
         )?;
         Ok(ProviderNetns { netns })
+    }
+
+    /// Sets or clears `quickack` on the host's route to [`PROVIDER_V4`]. With it, the host's
+    /// connections to the provider acknowledge each data segment as it arrives, in the provider's
+    /// transmit path; without it, the kernel delays ACKs and sends them either there or from the
+    /// receiving process's reads, depending on the segment sizes it has seen. New connections only.
+    pub fn set_provider_quickack(&self, on: bool) -> anyhow::Result<()> {
+        run(
+            "ip",
+            &[
+                "route",
+                "change",
+                &format!("{PROVIDER_V4}/32"),
+                "via",
+                &PROVIDER_GATEWAY_V4.to_string(),
+                "quickack",
+                if on { "1" } else { "0" },
+            ],
+        )?;
+        Ok(())
     }
 
     /// Creates a cgroup for a process of the host namespace (not a pod).

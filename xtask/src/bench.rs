@@ -26,6 +26,10 @@ pub enum Which {
         /// Seconds per run of those pairs.
         #[arg(long, default_value_t = 2)]
         accounting_seconds: u32,
+        /// Run those pairs with the kernel's delayed ACKs on the route to the provider (by default
+        /// it gets `quickack`, so the ACKs of both paths leave alike; see the README).
+        #[arg(long)]
+        provider_delayed_acks: bool,
         /// Only these paths (direct, intercepted, noaccounting, nginx), e.g. to profile one of them;
         /// the accounting pairs run when intercepted and noaccounting are both among them.
         #[arg(long, value_delimiter = ',')]
@@ -88,6 +92,7 @@ pub fn run(root: &Path, which: Which) -> anyhow::Result<()> {
             seconds,
             accounting_pairs,
             accounting_seconds,
+            provider_delayed_acks,
             paths,
             workloads,
             concurrency,
@@ -101,6 +106,9 @@ pub fn run(root: &Path, which: Which) -> anyhow::Result<()> {
                 "--accounting-seconds",
                 &accounting_seconds.to_string(),
             ]);
+            if provider_delayed_acks {
+                command.arg("--provider-delayed-acks");
+            }
             if !paths.is_empty() {
                 command.args(["--paths", &paths.join(",")]);
             }

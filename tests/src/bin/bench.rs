@@ -22,6 +22,7 @@ fn main() -> anyhow::Result<()> {
             let accounting = proxy::AccountingRuns {
                 pairs: flag(&args, "--accounting-pairs").unwrap_or(6),
                 seconds: flag(&args, "--accounting-seconds").unwrap_or(2),
+                delayed_acks: args.iter().any(|a| a == "--provider-delayed-acks"),
             };
             let only = proxy::Only {
                 paths: list(&args, "--paths"),
@@ -38,7 +39,7 @@ fn main() -> anyhow::Result<()> {
             parse::run(megabytes)
         }
         _ => bail!(
-            "usage: interceptor-bench connect [--connections N] | proxy [--seconds N] [--accounting-pairs N] [--accounting-seconds N] | parse [--megabytes N]"
+            "usage: interceptor-bench connect [--connections N] | proxy [--seconds N] [--accounting-pairs N] [--accounting-seconds N] [--provider-delayed-acks] | parse [--megabytes N]"
         ),
     }
 }
