@@ -99,6 +99,8 @@ pub struct KeptEvents {
 impl KeptEvents {
     /// Most bytes kept (raw JSON, about four times the text it carries).
     pub const MAX_BYTES: usize = 4 * crate::estimate::MAX_TEXT_BYTES;
+    /// Reserved at the first event (a chat chunk is 200–400 bytes).
+    const FIRST_RESERVE: usize = 4096;
 
     fn push(&mut self, event: &[u8]) {
         let Ok(len) = u32::try_from(event.len()) else {
@@ -108,6 +110,10 @@ impl KeptEvents {
         if self.data.len() + 4 + event.len() > Self::MAX_BYTES {
             self.truncated = true;
             return;
+        }
+        if self.data.capacity() == 0 {
+            // Room for a short stream's events at once, not a reallocation every few events.
+            self.data.reserve(Self::FIRST_RESERVE.max(4 + event.len()));
         }
         self.data.extend_from_slice(&len.to_le_bytes());
         self.data.extend_from_slice(event);

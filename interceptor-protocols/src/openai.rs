@@ -5,20 +5,8 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
-use crate::needle::{Needle, needle};
 use crate::quick_json::{Reader, first_time};
 use crate::usage::{Observation, PartialUsage, Signal};
-
-static USAGE_OBJECT: Needle = needle!(b"\"usage\":{");
-static USAGE_OBJECT_SPACED: Needle = needle!(b"\"usage\": {");
-static ERROR_KEY: Needle = needle!(b"\"error\"");
-static TOOL_CALLS: Needle = needle!(b"\"tool_calls\":[");
-static OUTPUT_KEYS: [Needle; 4] = [
-    needle!(b"\"content\":\""),
-    needle!(b"\"text\":\""),
-    needle!(b"\"reasoning_content\":\""),
-    needle!(b"\"refusal\":\""),
-];
 
 /// Both usage shapes: chat/completions/embeddings (`prompt_tokens`) and Responses/images/audio
 /// (`input_tokens`).
@@ -273,24 +261,59 @@ pub fn chat_event(observation: &mut Observation, data: &[u8]) -> Result<Signal, 
     if data == b"[DONE]" {
         return Ok(Signal::default());
     }
-    let output = carries_output(data);
+    let keys = ChatChunkKeys::scan(data);
     // Only the first chunk (model, id), usage chunks and errors need a full parse.
-    if observation.model.is_none()
-        || USAGE_OBJECT.found_in(data)
-        || USAGE_OBJECT_SPACED.found_in(data)
-        || ERROR_KEY.found_in(data)
-    {
+    if observation.model.is_none() || keys.usage_or_error {
         apply(observation, Response::parse(data)?);
     }
-    Ok(Signal { output })
+    Ok(Signal { output: keys.output })
+}
+
+/// What the keys of a chat chunk say, from one pass over its quotes (every key looked for starts
+/// with one): the bytes are not parsed, so a key inside a string value counts too, which errs
+/// towards a full parse.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ChatChunkKeys {
+    /// Generated text, a refusal, reasoning (non-empty strings) or a tool call.
+    output: bool,
+    /// `"usage":{` (or `"usage": {`) or `"error"`: the chunk needs a full parse.
+    usage_or_error: bool,
+}
+
+impl ChatChunkKeys {
+    /// Keys whose string value is generated output when not empty (after the opening quote).
+    const OUTPUT_STRINGS: [&[u8]; 4] = [
+        b"content\":\"",
+        b"text\":\"",
+        b"reasoning_content\":\"",
+        b"refusal\":\"",
+    ];
+
+    fn scan(data: &[u8]) -> Self {
+        let mut keys = Self::default();
+        for quote in memchr::memchr_iter(b'"', data) {
+            let after = &data[quote + 1..];
+            let output_string = Self::OUTPUT_STRINGS.iter().any(|key| {
+                after
+                    .strip_prefix(*key)
+                    .is_some_and(|value| value.first() != Some(&b'"'))
+            });
+            keys.output |= output_string || after.starts_with(b"tool_calls\":[");
+            keys.usage_or_error |= after.starts_with(b"usage\":{")
+                || after.starts_with(b"usage\": {")
+                || after.starts_with(b"error\"");
+            if keys.output && keys.usage_or_error {
+                break;
+            }
+        }
+        keys
+    }
 }
 
 /// Whether a chat chunk delivers generated text, a refusal, reasoning or a tool call.
+#[cfg(test)]
 fn carries_output(data: &[u8]) -> bool {
-    OUTPUT_KEYS.iter().any(|key| {
-        key.positions(data)
-            .any(|at| data.get(at + key.len()) != Some(&b'"'))
-    }) || TOOL_CALLS.found_in(data)
+    ChatChunkKeys::scan(data).output
 }
 
 #[derive(Deserialize)]
@@ -463,6 +486,69 @@ mod tests {
         body(&mut observation, r#"{"mod\u0065l":"m"}"#.as_bytes()).expect("serde reads escaped names");
         assert_eq!(observation.model.as_deref(), Some("m"));
         assert!(body(&mut Observation::default(), br#"{"model":"a","model":"b"}"#).is_err());
+    }
+
+    /// The key checks as separate substring searches (the reader before the one-pass scan).
+    fn keys_by_substring_search(data: &[u8]) -> ChatChunkKeys {
+        let found = |needle: &[u8]| memchr::memmem::find_iter(data, needle).next().is_some();
+        let output_string = ChatChunkKeys::OUTPUT_STRINGS.iter().any(|key| {
+            let needle = [b"\"".as_slice(), key].concat();
+            memchr::memmem::find_iter(data, &needle).any(|at| data.get(at + needle.len()) != Some(&b'"'))
+        });
+        ChatChunkKeys {
+            output: output_string || found(b"\"tool_calls\":["),
+            usage_or_error: found(b"\"usage\":{") || found(b"\"usage\": {") || found(b"\"error\""),
+        }
+    }
+
+    #[test]
+    fn the_one_pass_key_scan_finds_what_substring_searches_find() {
+        let fixtures = concat!(
+            include_str!("../tests/fixtures/openai/chat-stream-usage.sse"),
+            include_str!("../tests/fixtures/openai/chat-stream-no-usage.sse"),
+            include_str!("../tests/fixtures/openai/chat-reasoning.json"),
+            include_str!("../tests/fixtures/openai/error-quota.json"),
+        );
+        let mut events: Vec<Vec<u8>> = fixtures
+            .lines()
+            .map(|line| line.strip_prefix("data: ").unwrap_or(line).as_bytes().to_vec())
+            .collect();
+        events.extend(
+            [
+                r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{}"}}]}}]}"#,
+                r#"{"choices":[{"delta":{"refusal":"No"}}],"usage": {"prompt_tokens":1}}"#,
+                r#"{"choices":[{"delta":{"reasoning_content":""}}],"error":null}"#,
+                r#"{"choices":[{"delta":{"content":"\"content\":\"x"}}]}"#,
+                r#""content":""content":"a"#,
+                r#"{"text":"""#,
+                r#"""""usage":{"#,
+            ]
+            .map(|event| event.as_bytes().to_vec()),
+        );
+        // Every prefix and suffix of each event too: keys cut at their start, middle and end.
+        let mut checked = 0;
+        for event in &events {
+            for cut in 0..=event.len() {
+                for part in [&event[..cut], &event[cut..]] {
+                    assert_eq!(
+                        ChatChunkKeys::scan(part),
+                        keys_by_substring_search(part),
+                        "{}",
+                        String::from_utf8_lossy(part)
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 5_000, "only {checked} inputs");
+        let usage = br#"{"choices":[],"usage":{"prompt_tokens":1}}"#;
+        assert_eq!(
+            ChatChunkKeys::scan(usage),
+            ChatChunkKeys {
+                output: false,
+                usage_or_error: true
+            }
+        );
     }
 
     #[test]

@@ -152,6 +152,8 @@ where
                 None => data,
                 Some(stripper) => {
                     this.stripped.clear();
+                    // Sized once, by the first chunk, then reused.
+                    this.stripped.reserve(data.len());
                     stripper.push(&data, &mut this.stripped);
                     if ended {
                         stripper.finish(&mut this.stripped);
