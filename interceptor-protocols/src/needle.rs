@@ -16,6 +16,14 @@ impl Needle {
     pub(crate) fn found_in(&self, haystack: &[u8]) -> bool {
         self.0.find(haystack).is_some()
     }
+
+    pub(crate) fn positions<'h>(&'h self, haystack: &'h [u8]) -> impl Iterator<Item = usize> + 'h {
+        self.0.find_iter(haystack)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.needle().len()
+    }
 }
 
 /// `needle!(b"...")`: a static [`Needle`].

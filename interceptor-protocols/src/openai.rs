@@ -5,6 +5,7 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
+use crate::needle::{Needle, needle};
 use crate::quick_json::{Reader, first_time};
 use crate::usage::{Observation, PartialUsage, Signal};
 
@@ -269,9 +270,9 @@ pub fn chat_event(observation: &mut Observation, data: &[u8]) -> Result<Signal, 
     Ok(Signal { output: keys.output })
 }
 
-/// What the keys of a chat chunk say, from one pass over its quotes (every key looked for starts
-/// with one): the bytes are not parsed, so a key inside a string value counts too, which errs
-/// towards a full parse.
+/// What the keys of a chat chunk say, from substring searches (vectorised; on chunks of a few hundred
+/// bytes, cheaper than visiting each quote): the bytes are not parsed, so a key inside a string value
+/// counts too, which errs towards a full parse.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct ChatChunkKeys {
     /// Generated text, a refusal, reasoning (non-empty strings) or a tool call.
@@ -280,8 +281,19 @@ struct ChatChunkKeys {
     usage_or_error: bool,
 }
 
+static OUTPUT_KEYS: [Needle; 4] = [
+    needle!(b"\"content\":\""),
+    needle!(b"\"text\":\""),
+    needle!(b"\"reasoning_content\":\""),
+    needle!(b"\"refusal\":\""),
+];
+static TOOL_CALLS: Needle = needle!(b"\"tool_calls\":[");
+static USAGE_KEY: Needle = needle!(b"\"usage\":");
+static ERROR_KEY: Needle = needle!(b"\"error\"");
+
 impl ChatChunkKeys {
     /// Keys whose string value is generated output when not empty (after the opening quote).
+    #[cfg(test)]
     const OUTPUT_STRINGS: [&[u8]; 4] = [
         b"content\":\"",
         b"text\":\"",
@@ -290,23 +302,19 @@ impl ChatChunkKeys {
     ];
 
     fn scan(data: &[u8]) -> Self {
-        let mut keys = Self::default();
-        for quote in memchr::memchr_iter(b'"', data) {
-            let after = &data[quote + 1..];
-            let output_string = Self::OUTPUT_STRINGS.iter().any(|key| {
-                after
-                    .strip_prefix(*key)
-                    .is_some_and(|value| value.first() != Some(&b'"'))
-            });
-            keys.output |= output_string || after.starts_with(b"tool_calls\":[");
-            keys.usage_or_error |= after.starts_with(b"usage\":{")
-                || after.starts_with(b"usage\": {")
-                || after.starts_with(b"error\"");
-            if keys.output && keys.usage_or_error {
-                break;
-            }
+        let output = OUTPUT_KEYS.iter().any(|key| {
+            key.positions(data)
+                .any(|at| data.get(at + key.len()) != Some(&b'"'))
+        }) || TOOL_CALLS.found_in(data);
+        // One search for both usage spellings: `"usage":` then `{` or ` {`.
+        let usage = USAGE_KEY.positions(data).any(|at| {
+            let value = &data[at + USAGE_KEY.len()..];
+            value.starts_with(b"{") || value.starts_with(b" {")
+        });
+        Self {
+            output,
+            usage_or_error: usage || ERROR_KEY.found_in(data),
         }
-        keys
     }
 }
 
@@ -488,7 +496,8 @@ mod tests {
         assert!(body(&mut Observation::default(), br#"{"model":"a","model":"b"}"#).is_err());
     }
 
-    /// The key checks as separate substring searches (the reader before the one-pass scan).
+    /// Every key searched for on its own, both usage spellings included (the reader before one search
+    /// served both).
     fn keys_by_substring_search(data: &[u8]) -> ChatChunkKeys {
         let found = |needle: &[u8]| memchr::memmem::find_iter(data, needle).next().is_some();
         let output_string = ChatChunkKeys::OUTPUT_STRINGS.iter().any(|key| {
@@ -502,7 +511,7 @@ mod tests {
     }
 
     #[test]
-    fn the_one_pass_key_scan_finds_what_substring_searches_find() {
+    fn the_key_scan_finds_what_separate_searches_find() {
         let fixtures = concat!(
             include_str!("../tests/fixtures/openai/chat-stream-usage.sse"),
             include_str!("../tests/fixtures/openai/chat-stream-no-usage.sse"),
