@@ -9,6 +9,16 @@ use crate::needle::{Needle, needle};
 use crate::quick_json::{Reader, first_time};
 use crate::usage::{Observation, PartialUsage, Signal};
 
+static USAGE_KEY: Needle = needle!(b"\"usage\":");
+static ERROR_KEY: Needle = needle!(b"\"error\"");
+static TOOL_CALLS: Needle = needle!(b"\"tool_calls\":[");
+static OUTPUT_KEYS: [Needle; 4] = [
+    needle!(b"\"content\":\""),
+    needle!(b"\"text\":\""),
+    needle!(b"\"reasoning_content\":\""),
+    needle!(b"\"refusal\":\""),
+];
+
 /// Both usage shapes: chat/completions/embeddings (`prompt_tokens`) and Responses/images/audio
 /// (`input_tokens`).
 #[derive(Deserialize, Default, Debug, PartialEq, Eq)]
@@ -262,66 +272,28 @@ pub fn chat_event(observation: &mut Observation, data: &[u8]) -> Result<Signal, 
     if data == b"[DONE]" {
         return Ok(Signal::default());
     }
-    let keys = ChatChunkKeys::scan(data);
+    let output = carries_output(data);
     // Only the first chunk (model, id), usage chunks and errors need a full parse.
-    if observation.model.is_none() || keys.usage_or_error {
+    if observation.model.is_none() || has_usage_object(data) || ERROR_KEY.found_in(data) {
         apply(observation, Response::parse(data)?);
     }
-    Ok(Signal { output: keys.output })
-}
-
-/// What the keys of a chat chunk say, from substring searches (vectorised; on chunks of a few hundred
-/// bytes, cheaper than visiting each quote): the bytes are not parsed, so a key inside a string value
-/// counts too, which errs towards a full parse.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct ChatChunkKeys {
-    /// Generated text, a refusal, reasoning (non-empty strings) or a tool call.
-    output: bool,
-    /// `"usage":{` (or `"usage": {`) or `"error"`: the chunk needs a full parse.
-    usage_or_error: bool,
-}
-
-static OUTPUT_KEYS: [Needle; 4] = [
-    needle!(b"\"content\":\""),
-    needle!(b"\"text\":\""),
-    needle!(b"\"reasoning_content\":\""),
-    needle!(b"\"refusal\":\""),
-];
-static TOOL_CALLS: Needle = needle!(b"\"tool_calls\":[");
-static USAGE_KEY: Needle = needle!(b"\"usage\":");
-static ERROR_KEY: Needle = needle!(b"\"error\"");
-
-impl ChatChunkKeys {
-    /// Keys whose string value is generated output when not empty (after the opening quote).
-    #[cfg(test)]
-    const OUTPUT_STRINGS: [&[u8]; 4] = [
-        b"content\":\"",
-        b"text\":\"",
-        b"reasoning_content\":\"",
-        b"refusal\":\"",
-    ];
-
-    fn scan(data: &[u8]) -> Self {
-        let output = OUTPUT_KEYS.iter().any(|key| {
-            key.positions(data)
-                .any(|at| data.get(at + key.len()) != Some(&b'"'))
-        }) || TOOL_CALLS.found_in(data);
-        // One search for both usage spellings: `"usage":` then `{` or ` {`.
-        let usage = USAGE_KEY.positions(data).any(|at| {
-            let value = &data[at + USAGE_KEY.len()..];
-            value.starts_with(b"{") || value.starts_with(b" {")
-        });
-        Self {
-            output,
-            usage_or_error: usage || ERROR_KEY.found_in(data),
-        }
-    }
+    Ok(Signal { output })
 }
 
 /// Whether a chat chunk delivers generated text, a refusal, reasoning or a tool call.
-#[cfg(test)]
 fn carries_output(data: &[u8]) -> bool {
-    ChatChunkKeys::scan(data).output
+    OUTPUT_KEYS.iter().any(|key| {
+        key.positions(data)
+            .any(|at| data.get(at + key.len()) != Some(&b'"'))
+    }) || TOOL_CALLS.found_in(data)
+}
+
+/// Whether a chunk has a usage object (`"usage":{` or `"usage": {`), with one search for both.
+fn has_usage_object(data: &[u8]) -> bool {
+    USAGE_KEY.positions(data).any(|at| {
+        let value = &data[at + USAGE_KEY.len()..];
+        value.starts_with(b"{") || value.starts_with(b" {")
+    })
 }
 
 #[derive(Deserialize)]
@@ -496,52 +468,38 @@ mod tests {
         assert!(body(&mut Observation::default(), br#"{"model":"a","model":"b"}"#).is_err());
     }
 
-    /// Every key searched for on its own, both usage spellings included (the reader before one search
-    /// served both).
-    fn keys_by_substring_search(data: &[u8]) -> ChatChunkKeys {
-        let found = |needle: &[u8]| memchr::memmem::find_iter(data, needle).next().is_some();
-        let output_string = ChatChunkKeys::OUTPUT_STRINGS.iter().any(|key| {
-            let needle = [b"\"".as_slice(), key].concat();
-            memchr::memmem::find_iter(data, &needle).any(|at| data.get(at + needle.len()) != Some(&b'"'))
-        });
-        ChatChunkKeys {
-            output: output_string || found(b"\"tool_calls\":["),
-            usage_or_error: found(b"\"usage\":{") || found(b"\"usage\": {") || found(b"\"error\""),
-        }
-    }
-
     #[test]
-    fn the_key_scan_finds_what_separate_searches_find() {
+    fn one_search_finds_a_usage_object_as_searches_for_both_spellings_do() {
+        let by_spelling = |data: &[u8]| {
+            memchr::memmem::find(data, b"\"usage\":{").is_some()
+                || memchr::memmem::find(data, b"\"usage\": {").is_some()
+        };
         let fixtures = concat!(
             include_str!("../tests/fixtures/openai/chat-stream-usage.sse"),
             include_str!("../tests/fixtures/openai/chat-stream-no-usage.sse"),
             include_str!("../tests/fixtures/openai/chat-reasoning.json"),
-            include_str!("../tests/fixtures/openai/error-quota.json"),
         );
-        let mut events: Vec<Vec<u8>> = fixtures
+        let mut events: Vec<&[u8]> = fixtures
             .lines()
-            .map(|line| line.strip_prefix("data: ").unwrap_or(line).as_bytes().to_vec())
+            .map(|line| line.strip_prefix("data: ").unwrap_or(line).as_bytes())
             .collect();
         events.extend(
             [
-                r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{}"}}]}}]}"#,
                 r#"{"choices":[{"delta":{"refusal":"No"}}],"usage": {"prompt_tokens":1}}"#,
-                r#"{"choices":[{"delta":{"reasoning_content":""}}],"error":null}"#,
-                r#"{"choices":[{"delta":{"content":"\"content\":\"x"}}]}"#,
-                r#""content":""content":"a"#,
-                r#"{"text":"""#,
+                r#"{"choices":[],"usage":  {"prompt_tokens":1}}"#,
+                r#"{"usage":null,"x":{"usage":{"a":1}}}"#,
                 r#"""""usage":{"#,
             ]
-            .map(|event| event.as_bytes().to_vec()),
+            .map(str::as_bytes),
         );
         // Every prefix and suffix of each event too: keys cut at their start, middle and end.
         let mut checked = 0;
-        for event in &events {
+        for event in events {
             for cut in 0..=event.len() {
                 for part in [&event[..cut], &event[cut..]] {
                     assert_eq!(
-                        ChatChunkKeys::scan(part),
-                        keys_by_substring_search(part),
+                        has_usage_object(part),
+                        by_spelling(part),
                         "{}",
                         String::from_utf8_lossy(part)
                     );
@@ -550,14 +508,8 @@ mod tests {
             }
         }
         assert!(checked > 5_000, "only {checked} inputs");
-        let usage = br#"{"choices":[],"usage":{"prompt_tokens":1}}"#;
-        assert_eq!(
-            ChatChunkKeys::scan(usage),
-            ChatChunkKeys {
-                output: false,
-                usage_or_error: true
-            }
-        );
+        assert!(has_usage_object(br#"{"choices":[],"usage":{"prompt_tokens":1}}"#));
+        assert!(!has_usage_object(br#"{"choices":[{"delta":{}}],"usage":null}"#));
     }
 
     #[test]

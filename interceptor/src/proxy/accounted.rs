@@ -152,7 +152,7 @@ where
                 None => data,
                 Some(stripper) => {
                     this.stripped.clear();
-                    // Sized once, by the first chunk, then reused.
+                    // Grows to the largest chunk once, then is reused.
                     this.stripped.reserve(data.len());
                     stripper.push(&data, &mut this.stripped);
                     if ended {

@@ -11,7 +11,7 @@ use tokio::sync::Semaphore;
 
 /// Estimates queued behind the running ones, at most (each holds its stream's kept events, up to
 /// four times the tokenizer's text limit, and its request body).
-pub const MAX_WAITING: usize = 64;
+const MAX_WAITING: usize = 64;
 
 pub struct EstimatePool {
     running: Arc<Semaphore>,
@@ -62,6 +62,7 @@ impl EstimatePool {
     }
 
     /// Estimates admitted and not finished (running or waiting).
+    #[cfg(test)]
     pub fn admitted(&self) -> usize {
         self.admitted.load(Ordering::Acquire)
     }
